@@ -1,0 +1,412 @@
+// Integer matmul: dispatch, exact split of wide operands, and the reference.
+//
+// The split (9-16-bit operands)
+// -----------------------------
+// oneDNN multiplies a uint8 or int8 "src" (left operand) by an int8 "weights"
+// (right operand). A 16-bit mantissa x in [-32767, 32767] is cut into two
+// 8-bit pieces that fit those types:
+//
+//   left  operand:  x = 256·h + l - 32768,  h = (x >> 8) + 128 in [0, 255] (u8),
+//                                           l = x & 255          in [0, 255] (u8)
+//   right operand:  x = 256·h + l + 128,    h = x >> 8           in [-128, 127] (s8),
+//                                           l = (x & 255) - 128  in [-128, 127] (s8)
+//
+// i.e. x = x' + c with x' = 256·h + l and a constant offset c (cA = -32768,
+// cB = 128; an unsplit 8-bit operand has x' = x, c = 0). Then, over K:
+//
+//   A·B = A'·B' + cB·rowsum(A)·1ᵀ + cA·1·colsum(B)ᵀ - cA·cB·K
+//   A'·B' = 65536·(Ah·Bh) + 256·(Ah·Bl + Al·Bh) + (Al·Bl)
+//
+// The middle term is one product over 2K: the left pieces are stored side by
+// side along K as [Ah | Al] and the right ones as [Bl ; Bh], so
+// [Ah | Al]·[Bl ; Bh] = Ah·Bl + Al·Bh. A 16 x 16 product is thus three oneDNN
+// calls (K, 2K and K long): the work of four int8 products, which is what
+// makes it as fast as one f32 product on VNNI hardware.
+//
+// Each int8 product is exact in int32 while K' * max|left piece| * max|right
+// piece| <= 2^31 - 1; longer products are cut into K chunks. Terms are summed
+// in int64, or in uint32 arithmetic (modulo 2^32) when the worst case of the
+// final result fits in int32: then the final sum is exact even if a partial
+// term alone would not fit.
+#include "core/matmul.h"
+
+#include <algorithm>
+#include <climits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "core/onednn_gemm.h"
+#include "core/parallel.h"
+#include "core/rounding.h"
+#include "core/simd.h"
+
+namespace intrain {
+
+const char* matmul_path_name(MatmulPath p) {
+  switch (p) {
+    case MatmulPath::Float: return "float";
+    case MatmulPath::Int8: return "int8";
+    case MatmulPath::Split: return "split16";
+  }
+  return "?";
+}
+
+MatmulPath matmul_path(const Tensor& A, const Tensor& B) {
+  const Format &fa = A.format(), &fb = B.format();
+  if (fa.is_float() && fb.is_float()) return MatmulPath::Float;
+  if (fa.is_float() || fb.is_float()) {
+    throw std::invalid_argument("matmul: cannot multiply " + A.describe() + " by " + B.describe() +
+                                "; quantize the float operand first");
+  }
+  for (const Tensor* t : {&A, &B}) {
+    if (t->format().scaling() != Scaling::SharedExponent || t->format().bits() > 16 || !t->format().is_signed()) {
+      throw std::invalid_argument("matmul: operand " + t->describe() +
+                                  " must be a signed fixed-point format of 2 to 16 bits");
+    }
+  }
+  return (A.dtype() == DType::I8 && B.dtype() == DType::I8) ? MatmulPath::Int8 : MatmulPath::Split;
+}
+
+MatmulDims matmul_dims(const Tensor& A, const Tensor& B, Trans ta, Trans tb) {
+  auto fail = [&](const std::string& why) {
+    throw std::invalid_argument("matmul: " + why + ": A " + A.describe() + (ta == Trans::T ? "ᵀ" : "") + ", B " +
+                                B.describe() + (tb == Trans::T ? "ᵀ" : ""));
+  };
+  if (A.rank() < 2 || B.rank() < 2) fail("operands must be matrices (rank 2) or batches of them (rank 3)");
+  if (A.rank() != B.rank()) fail("both operands must have the same rank");
+  if (A.batch() != B.batch()) fail("batch sizes differ");
+  MatmulDims d;
+  d.batch = A.batch();
+  d.M = ta == Trans::N ? A.rows() : A.cols();
+  d.K = ta == Trans::N ? A.cols() : A.rows();
+  const std::int64_t kb = tb == Trans::N ? B.rows() : B.cols();
+  d.N = tb == Trans::N ? B.cols() : B.rows();
+  if (d.K != kb) fail("inner dimensions differ (" + std::to_string(d.K) + " vs " + std::to_string(kb) + ")");
+  return d;
+}
+
+Format matmul_result_format(const Format& a, const Format& b, std::int64_t K) {
+  if (a.is_float() || b.is_float()) return Format::fp32();
+  const auto worst = static_cast<uint128_t>(K) * static_cast<std::uint64_t>(a.qmax()) *
+                     static_cast<std::uint64_t>(b.qmax());
+  return Format::accumulator(worst <= INT32_MAX ? 32 : 64);
+}
+
+namespace {
+
+Shape result_shape(const Tensor& A, const MatmulDims& d) {
+  return A.rank() == 3 ? Shape{d.batch, d.M, d.N} : Shape{d.M, d.N};
+}
+
+// Strides of a row-major storage [batch, r, c] (c columns), seen as the logical op(X).
+GemmMatrix logical(GemmType t, std::int64_t c, std::int64_t batch_stride, Trans tr) {
+  return tr == Trans::N ? GemmMatrix{t, batch_stride, c, 1} : GemmMatrix{t, batch_stride, 1, c};
+}
+
+// ---------------------------------------------------------------------------
+// Reference
+// ---------------------------------------------------------------------------
+
+template <class TA, class TB, class Acc>
+void reference_loops(const TA* a, const TB* b, const MatmulDims& d, Trans ta, Trans tb, std::int64_t ar,
+                     std::int64_t ac, std::int64_t br, std::int64_t bc, Acc* c, bool as_double) {
+  for (std::int64_t z = 0; z < d.batch; ++z) {
+    const TA* az = a + z * ar * ac;
+    const TB* bz = b + z * br * bc;
+    for (std::int64_t m = 0; m < d.M; ++m) {
+      for (std::int64_t n = 0; n < d.N; ++n) {
+        std::int64_t si = 0;
+        double sd = 0.0;
+        for (std::int64_t k = 0; k < d.K; ++k) {
+          const auto x = ta == Trans::N ? az[m * ac + k] : az[k * ac + m];
+          const auto y = tb == Trans::N ? bz[k * bc + n] : bz[n * bc + k];
+          if (as_double) {
+            sd += static_cast<double>(x) * static_cast<double>(y);
+          } else {
+            si += static_cast<std::int64_t>(x) * static_cast<std::int64_t>(y);
+          }
+        }
+        c[(z * d.M + m) * d.N + n] = as_double ? static_cast<Acc>(sd) : static_cast<Acc>(si);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Tensor matmul_reference(const Tensor& A, const Tensor& B, Trans ta, Trans tb) {
+  const MatmulPath path = matmul_path(A, B);
+  const MatmulDims d = matmul_dims(A, B, ta, tb);
+  if (path == MatmulPath::Float) {
+    Tensor C(result_shape(A, d), Format::fp32());
+    reference_loops(A.data<float>(), B.data<float>(), d, ta, tb, A.rows(), A.cols(), B.rows(), B.cols(),
+                    C.data<float>(), true);
+    return C;
+  }
+  Tensor C(result_shape(A, d), matmul_result_format(A.format(), B.format(), d.K), A.exponent() + B.exponent());
+  visit_int(A, [&](const auto* a) {
+    visit_int(B, [&](const auto* b) {
+      visit_int(C, [&](auto* c) {
+        reference_loops(a, b, d, ta, tb, A.rows(), A.cols(), B.rows(), B.cols(), c, false);
+      });
+    });
+  });
+  return C;
+}
+
+// ---------------------------------------------------------------------------
+// Fast paths
+// ---------------------------------------------------------------------------
+
+namespace {
+
+// An operand as oneDNN will see it: one buffer holding its int8 pieces side by
+// side along K, the logical strides of one piece, and the offset c.
+struct Pieces {
+  std::vector<std::int8_t> owned;  // the split buffer (empty when unsplit)
+  const void* base = nullptr;      // piece 0
+  GemmMatrix view;                 // logical strides of one piece (rows x K or K x cols)
+  std::int64_t piece_offset = 0;   // elements from piece 0 to piece 1 (0 when unsplit)
+  std::int64_t k_stride = 0;       // elements between consecutive k of a piece
+  int count = 1;
+  std::int64_t max_piece = 0;      // max |piece value|
+  std::int64_t offset_c = 0;       // x = x' + c
+};
+
+// Writes the two pieces of every element of a 16-bit operand.
+//   left:  h = (x >> 8) + 128, l = x & 255  (both u8), piece order [h, l]
+//   right: h = x >> 8, l = (x & 255) - 128  (both s8), piece order [l, h]
+// `first`/`second` are the two destination regions; dst index for source
+// index i is given by the caller's layout function through (row, col).
+INTRAIN_CLONES void split_rows_left(const std::int16_t* x, std::uint8_t* p0, std::uint8_t* p1, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int32_t v = x[i];
+    p0[i] = static_cast<std::uint8_t>((v >> 8) + 128);
+    p1[i] = static_cast<std::uint8_t>(v & 255);
+  }
+}
+INTRAIN_CLONES void split_rows_right(const std::int16_t* x, std::int8_t* p0, std::int8_t* p1, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int32_t v = x[i];
+    p0[i] = static_cast<std::int8_t>((v & 255) - 128);
+    p1[i] = static_cast<std::int8_t>(v >> 8);
+  }
+}
+
+// Builds the pieces of one operand. `k_is_cols`: whether K runs along the
+// storage columns (left operand not transposed, right operand transposed).
+Pieces make_pieces(const Tensor& X, Trans tr, bool left, bool k_is_cols) {
+  Pieces p;
+  const std::int64_t batch = X.batch(), r = X.rows(), c = X.cols();
+  if (X.dtype() == DType::I8) {
+    p.base = X.raw();
+    p.view = logical(GemmType::S8, c, r * c, tr);
+    p.max_piece = X.format().qmax();
+    return p;
+  }
+  // Split: double the K axis of the storage.
+  const std::int64_t r2 = k_is_cols ? r : 2 * r, c2 = k_is_cols ? 2 * c : c;
+  p.owned.resize(static_cast<std::size_t>(batch * r2 * c2));
+  p.count = 2;
+  p.offset_c = left ? -32768 : 128;
+  p.max_piece = left ? 255 : 128;
+  p.piece_offset = k_is_cols ? c : r * c;
+  p.view = logical(left ? GemmType::U8 : GemmType::S8, c2, r2 * c2, tr);
+  p.base = p.owned.data();
+  const std::int16_t* x = X.data<std::int16_t>();
+  std::int8_t* dst = p.owned.data();
+  // One task per storage row of the source: its two pieces go to two places.
+  for_chunks(
+      batch * r,
+      [&](std::int64_t, std::int64_t rb, std::int64_t re) {
+        for (std::int64_t row = rb; row < re; ++row) {
+          const std::int64_t z = row / r, i = row % r;
+          std::int8_t* d0 = dst + z * r2 * c2 + i * c2;
+          std::int8_t* d1 = d0 + p.piece_offset;
+          const std::int16_t* src = x + row * c;
+          if (left) {
+            split_rows_left(src, reinterpret_cast<std::uint8_t*>(d0), reinterpret_cast<std::uint8_t*>(d1), c);
+          } else {
+            split_rows_right(src, d0, d1, c);
+          }
+        }
+      },
+      std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(c, 1)));
+  return p;
+}
+
+// Sum over K of every row of op(A) (sum_k A[m,k]) or every column of op(B).
+std::vector<std::int64_t> k_sums(const Tensor& X, bool k_is_cols) {
+  const std::int64_t batch = X.batch(), r = X.rows(), c = X.cols();
+  const std::int64_t outer = k_is_cols ? r : c;
+  std::vector<std::int64_t> s(static_cast<std::size_t>(batch * outer), 0);
+  visit_int(X, [&](const auto* x) {
+    for (std::int64_t z = 0; z < batch; ++z) {
+      for (std::int64_t i = 0; i < r; ++i) {
+        const auto* row = x + (z * r + i) * c;
+        if (k_is_cols) {
+          std::int64_t acc = 0;
+          for (std::int64_t j = 0; j < c; ++j) acc += row[j];
+          s[static_cast<std::size_t>(z * outer + i)] = acc;
+        } else {
+          std::int64_t* dst = s.data() + z * outer;
+          for (std::int64_t j = 0; j < c; ++j) dst[j] += row[j];
+        }
+      }
+    }
+  });
+  return s;
+}
+
+// One product of pieces: left piece(s) [pa, pa + na) x right piece(s), over
+// K' = count * K, shifted left by `shift` before it is added.
+struct Term {
+  const void* a;
+  const void* b;
+  std::int64_t k_len;
+  int shift;
+};
+
+// One row of C: C (+)= (S << shift) + row_c + col_c[n]. Out is uint64
+// (int64 storage) or uint32 (int32 storage, arithmetic modulo 2^32 whose final
+// value is known to fit): unsigned types make the wrap-around and the shift of
+// negative values well defined; the bits are those of two's complement.
+template <class Out>
+INTRAIN_INLINE void accumulate_body(const std::int32_t* S, Out* C, std::int64_t n, int shift, bool first,
+                                    std::int64_t row_c, const std::int64_t* col_c) {
+  const auto rc = static_cast<Out>(row_c);
+  for (std::int64_t i = 0; i < n; ++i) {
+    Out v = static_cast<Out>(static_cast<Out>(static_cast<std::int64_t>(S[i])) << shift);
+    if (!first) v += C[i];
+    if (col_c) v += rc + static_cast<Out>(col_c[i]);
+    C[i] = v;
+  }
+}
+INTRAIN_CLONES void accumulate64(const std::int32_t* S, std::int64_t* C, std::int64_t n, int shift, bool first,
+                                 std::int64_t rc, const std::int64_t* cc) {
+  accumulate_body(S, reinterpret_cast<std::uint64_t*>(C), n, shift, first, rc, cc);
+}
+INTRAIN_CLONES void accumulate32(const std::int32_t* S, std::int32_t* C, std::int64_t n, int shift, bool first,
+                                 std::int64_t rc, const std::int64_t* cc) {
+  accumulate_body(S, reinterpret_cast<std::uint32_t*>(C), n, shift, first, rc, cc);
+}
+
+Tensor matmul_float(const Tensor& A, const Tensor& B, Trans ta, Trans tb, const MatmulDims& d) {
+  Tensor C(result_shape(A, d), Format::fp32());
+  if (d.K == 0) return C;
+  GemmDesc g;
+  g.batch = d.batch;
+  g.M = d.M;
+  g.K = d.K;
+  g.N = d.N;
+  g.a = logical(GemmType::F32, A.cols(), A.rows() * A.cols(), ta);
+  g.b = logical(GemmType::F32, B.cols(), B.rows() * B.cols(), tb);
+  g.c = {GemmType::F32, d.M * d.N, d.N, 1};
+  onednn_gemm(g, A.raw(), B.raw(), C.raw());
+  return C;
+}
+
+Tensor matmul_integer(const Tensor& A, const Tensor& B, Trans ta, Trans tb, const MatmulDims& d) {
+  const Format rf = matmul_result_format(A.format(), B.format(), d.K);
+  Tensor C(result_shape(A, d), rf, A.exponent() + B.exponent());
+  if (d.K == 0 || d.M == 0 || d.N == 0 || d.batch == 0) return C;
+
+  const Pieces pa = make_pieces(A, ta, /*left=*/true, /*k_is_cols=*/ta == Trans::N);
+  const Pieces pb = make_pieces(B, tb, /*left=*/false, /*k_is_cols=*/tb == Trans::T);
+  auto at = [](const Pieces& p, int piece) {  // every piece element is one byte
+    return static_cast<const void*>(static_cast<const std::int8_t*>(p.base) + piece * p.piece_offset);
+  };
+
+  // The terms of A'·B' (see the file comment).
+  std::vector<Term> terms;
+  if (pa.count == 1 && pb.count == 1) {
+    terms.push_back({pa.base, pb.base, d.K, 0});
+  } else if (pa.count == 2 && pb.count == 1) {
+    terms.push_back({at(pa, 0), pb.base, d.K, 8});
+    terms.push_back({at(pa, 1), pb.base, d.K, 0});
+  } else if (pa.count == 1 && pb.count == 2) {
+    terms.push_back({pa.base, at(pb, 1), d.K, 8});
+    terms.push_back({pa.base, at(pb, 0), d.K, 0});
+  } else {
+    terms.push_back({at(pa, 0), at(pb, 1), d.K, 16});     // Ah·Bh
+    terms.push_back({at(pa, 0), at(pb, 0), 2 * d.K, 8});  // [Ah|Al]·[Bl;Bh]
+    terms.push_back({at(pa, 1), at(pb, 0), d.K, 0});      // Al·Bl
+  }
+
+  // Exactness of each int8 product in int32: cut K' into chunks.
+  const std::int64_t k_max = INT32_MAX / (pa.max_piece * pb.max_piece);
+
+  // Corrections for the offsets (zero when neither operand was split).
+  std::vector<std::int64_t> row_c, col_c;
+  if (pa.offset_c != 0 || pb.offset_c != 0) {
+    row_c.assign(static_cast<std::size_t>(d.batch * d.M), -pa.offset_c * pb.offset_c * d.K);
+    col_c.assign(static_cast<std::size_t>(d.batch * d.N), 0);
+    if (pb.offset_c != 0) {
+      const auto rs = k_sums(A, ta == Trans::N);
+      for (std::size_t i = 0; i < rs.size(); ++i) row_c[i] += pb.offset_c * rs[i];
+    }
+    if (pa.offset_c != 0) {
+      const auto cs = k_sums(B, tb == Trans::T);
+      for (std::size_t i = 0; i < cs.size(); ++i) col_c[i] += pa.offset_c * cs[i];
+    }
+  }
+
+  const bool direct = terms.size() == 1 && terms[0].k_len <= k_max && row_c.empty() && rf.bits() == 32;
+  GemmDesc g;
+  g.batch = d.batch;
+  g.M = d.M;
+  g.N = d.N;
+  g.a = pa.view;
+  g.b = pb.view;
+  g.c = {GemmType::S32, d.M * d.N, d.N, 1};
+  if (direct) {
+    g.K = d.K;
+    onednn_gemm(g, terms[0].a, terms[0].b, C.raw());
+    return C;
+  }
+
+  // Logical K strides: how far one step along K moves in each piece buffer.
+  const std::int64_t a_kstride = pa.view.col_stride, b_kstride = pb.view.row_stride;
+  std::vector<std::int32_t> scratch(static_cast<std::size_t>(d.batch * d.M * d.N));
+  bool first = true;
+  for (std::size_t t = 0; t < terms.size(); ++t) {
+    const Term& term = terms[t];
+    for (std::int64_t k0 = 0; k0 < term.k_len; k0 += k_max) {
+      g.K = std::min(k_max, term.k_len - k0);
+      onednn_gemm(g, static_cast<const std::int8_t*>(term.a) + k0 * a_kstride,
+                  static_cast<const std::int8_t*>(term.b) + k0 * b_kstride, scratch.data());
+      const bool last = t + 1 == terms.size() && k0 + k_max >= term.k_len;
+      const bool correct = last && !row_c.empty();
+      // Whole rows of the flat [batch*M, N] result, in fixed chunks.
+      for_chunks(
+          d.batch * d.M,
+          [&](std::int64_t, std::int64_t rb, std::int64_t re) {
+            for (std::int64_t row = rb; row < re; ++row) {
+              const std::int64_t off = row * d.N;
+              const std::int64_t rc = correct ? row_c[static_cast<std::size_t>(row)] : 0;
+              const std::int64_t* cc = correct ? col_c.data() + (row / d.M) * d.N : nullptr;
+              if (rf.bits() == 64) {
+                accumulate64(scratch.data() + off, C.data<std::int64_t>() + off, d.N, term.shift, first, rc, cc);
+              } else {
+                accumulate32(scratch.data() + off, C.data<std::int32_t>() + off, d.N, term.shift, first, rc, cc);
+              }
+            }
+          },
+          std::max<std::int64_t>(1, kChunk / d.N));
+      first = false;
+    }
+  }
+  return C;
+}
+
+}  // namespace
+
+Tensor matmul(const Tensor& A, const Tensor& B, Trans ta, Trans tb) {
+  const MatmulPath path = matmul_path(A, B);
+  const MatmulDims d = matmul_dims(A, B, ta, tb);
+  if (path == MatmulPath::Float) return matmul_float(A, B, ta, tb, d);
+  return matmul_integer(A, B, ta, tb, d);
+}
+
+}  // namespace intrain

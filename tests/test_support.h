@@ -1,0 +1,39 @@
+// Shared helpers for the GoogleTest suites: deterministic random tensors.
+#pragma once
+
+#include <cstdint>
+#include <random>
+
+#include "core/tensor.h"
+
+namespace intrain::testing {
+
+enum class Fill { Uniform, Extremes, Max, Min, Zero };
+
+// A fixed-point tensor with mantissas drawn from `fill`:
+//   Uniform: uniform over [qmin, qmax]; Extremes: only qmin, 0, qmax;
+//   Max / Min: every element qmax / qmin; Zero: all zero.
+inline Tensor random_int(Shape shape, const Format& f, std::uint64_t seed, Fill fill = Fill::Uniform,
+                         int exponent = 0) {
+  Tensor t(std::move(shape), f, exponent);
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<std::int64_t> uni(f.qmin(), f.qmax());
+  std::uniform_int_distribution<int> pick(0, 2);
+  visit_int(t, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    for (std::int64_t i = 0; i < t.numel(); ++i) {
+      std::int64_t v = 0;
+      switch (fill) {
+        case Fill::Uniform: v = uni(rng); break;
+        case Fill::Extremes: v = (pick(rng) - 1) * f.qmax(); break;
+        case Fill::Max: v = f.qmax(); break;
+        case Fill::Min: v = f.qmin(); break;
+        case Fill::Zero: v = 0; break;
+      }
+      p[i] = static_cast<T>(v);
+    }
+  });
+  return t;
+}
+
+}  // namespace intrain::testing
