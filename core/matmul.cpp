@@ -32,6 +32,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -161,10 +163,43 @@ Tensor matmul_reference(const Tensor& A, const Tensor& B, Trans ta, Trans tb) {
 
 namespace {
 
+// Per-thread scratch memory reused across calls: a fresh multi-megabyte
+// allocation per matmul costs page faults and zero-filling on every call.
+// Regions are carved out with take(); release() returns them all at once.
+class Workspace {
+ public:
+  static Workspace& local() {
+    thread_local Workspace w;
+    return w;
+  }
+  void reserve(std::size_t bytes) {
+    if (bytes > cap_) {
+      buf_.reset(static_cast<std::byte*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
+      if (!buf_) throw std::bad_alloc();
+      cap_ = bytes;
+    }
+    used_ = 0;
+  }
+  template <class T> T* take(std::int64_t n) {
+    const std::size_t bytes = (static_cast<std::size_t>(n) * sizeof(T) + 63) / 64 * 64;
+    if (used_ + bytes > cap_) throw std::logic_error("matmul workspace: reserve() was too small");
+    T* p = reinterpret_cast<T*>(buf_.get() + used_);
+    used_ += bytes;
+    return p;
+  }
+  static std::size_t padded(std::int64_t n, std::size_t elem) { return (static_cast<std::size_t>(n) * elem + 63) / 64 * 64; }
+
+ private:
+  struct Free {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  std::unique_ptr<std::byte[], Free> buf_;
+  std::size_t cap_ = 0, used_ = 0;
+};
+
 // An operand as oneDNN will see it: one buffer holding its int8 pieces side by
 // side along K, the logical strides of one piece, and the offset c.
 struct Pieces {
-  std::vector<std::int8_t> owned;  // the split buffer (empty when unsplit)
   const void* base = nullptr;      // piece 0
   GemmMatrix view;                 // logical strides of one piece (rows x K or K x cols)
   std::int64_t piece_offset = 0;   // elements from piece 0 to piece 1 (0 when unsplit)
@@ -196,7 +231,12 @@ INTRAIN_CLONES void split_rows_right(const std::int16_t* x, std::int8_t* p0, std
 
 // Builds the pieces of one operand. `k_is_cols`: whether K runs along the
 // storage columns (left operand not transposed, right operand transposed).
-Pieces make_pieces(const Tensor& X, Trans tr, bool left, bool k_is_cols) {
+// Bytes of workspace the split of X needs (0 when X is not split).
+std::size_t split_bytes(const Tensor& X) {
+  return X.dtype() == DType::I8 ? 0 : Workspace::padded(2 * X.numel(), 1);
+}
+
+Pieces make_pieces(const Tensor& X, Trans tr, bool left, bool k_is_cols, Workspace& ws) {
   Pieces p;
   const std::int64_t batch = X.batch(), r = X.rows(), c = X.cols();
   if (X.dtype() == DType::I8) {
@@ -207,15 +247,14 @@ Pieces make_pieces(const Tensor& X, Trans tr, bool left, bool k_is_cols) {
   }
   // Split: double the K axis of the storage.
   const std::int64_t r2 = k_is_cols ? r : 2 * r, c2 = k_is_cols ? 2 * c : c;
-  p.owned.resize(static_cast<std::size_t>(batch * r2 * c2));
+  std::int8_t* dst = ws.take<std::int8_t>(batch * r2 * c2);
   p.count = 2;
   p.offset_c = left ? -32768 : 128;
   p.max_piece = left ? 255 : 128;
   p.piece_offset = k_is_cols ? c : r * c;
   p.view = logical(left ? GemmType::U8 : GemmType::S8, c2, r2 * c2, tr);
-  p.base = p.owned.data();
+  p.base = dst;
   const std::int16_t* x = X.data<std::int16_t>();
-  std::int8_t* dst = p.owned.data();
   // One task per storage row of the source: its two pieces go to two places.
   for_chunks(
       batch * r,
@@ -268,28 +307,38 @@ struct Term {
   int shift;
 };
 
-// One row of C: C (+)= (S << shift) + row_c + col_c[n]. Out is uint64
-// (int64 storage) or uint32 (int32 storage, arithmetic modulo 2^32 whose final
-// value is known to fit): unsigned types make the wrap-around and the shift of
-// negative values well defined; the bits are those of two's complement.
+// One row of C from up to three int32 term results:
+//   C[n] = (first ? 0 : C[n]) + sum_t (S_t[n] << shift_t) + row_c + col_c[n]
+// Out is uint64 (int64 storage) or uint32 (int32 storage, arithmetic modulo
+// 2^32 whose final value is known to fit): unsigned types make wrap-around
+// and shifts of negative values well defined, with two's complement bits.
+struct TermRows {
+  const std::int32_t* s[3] = {nullptr, nullptr, nullptr};
+  int shift[3] = {0, 0, 0};
+  int count = 0;
+};
+
 template <class Out>
-INTRAIN_INLINE void accumulate_body(const std::int32_t* S, Out* C, std::int64_t n, int shift, bool first,
-                                    std::int64_t row_c, const std::int64_t* col_c) {
+INTRAIN_INLINE void combine_body(const TermRows& t, Out* C, std::int64_t n, bool first, std::int64_t row_c,
+                                 const std::int64_t* col_c) {
   const auto rc = static_cast<Out>(row_c);
+  const std::int32_t* s0 = t.s[0];
+  const int h0 = t.shift[0];
   for (std::int64_t i = 0; i < n; ++i) {
-    Out v = static_cast<Out>(static_cast<Out>(static_cast<std::int64_t>(S[i])) << shift);
+    Out v = static_cast<Out>(static_cast<Out>(static_cast<std::int64_t>(s0[i])) << h0);
+    for (int k = 1; k < t.count; ++k) v += static_cast<Out>(static_cast<Out>(static_cast<std::int64_t>(t.s[k][i])) << t.shift[k]);
     if (!first) v += C[i];
     if (col_c) v += rc + static_cast<Out>(col_c[i]);
     C[i] = v;
   }
 }
-INTRAIN_CLONES void accumulate64(const std::int32_t* S, std::int64_t* C, std::int64_t n, int shift, bool first,
-                                 std::int64_t rc, const std::int64_t* cc) {
-  accumulate_body(S, reinterpret_cast<std::uint64_t*>(C), n, shift, first, rc, cc);
+INTRAIN_CLONES void combine64(const TermRows& t, std::int64_t* C, std::int64_t n, bool first, std::int64_t rc,
+                              const std::int64_t* cc) {
+  combine_body(t, reinterpret_cast<std::uint64_t*>(C), n, first, rc, cc);
 }
-INTRAIN_CLONES void accumulate32(const std::int32_t* S, std::int32_t* C, std::int64_t n, int shift, bool first,
-                                 std::int64_t rc, const std::int64_t* cc) {
-  accumulate_body(S, reinterpret_cast<std::uint32_t*>(C), n, shift, first, rc, cc);
+INTRAIN_CLONES void combine32(const TermRows& t, std::int32_t* C, std::int64_t n, bool first, std::int64_t rc,
+                              const std::int64_t* cc) {
+  combine_body(t, reinterpret_cast<std::uint32_t*>(C), n, first, rc, cc);
 }
 
 Tensor matmul_float(const Tensor& A, const Tensor& B, Trans ta, Trans tb, const MatmulDims& d) {
@@ -312,8 +361,12 @@ Tensor matmul_integer(const Tensor& A, const Tensor& B, Trans ta, Trans tb, cons
   Tensor C(result_shape(A, d), rf, A.exponent() + B.exponent());
   if (d.K == 0 || d.M == 0 || d.N == 0 || d.batch == 0) return C;
 
-  const Pieces pa = make_pieces(A, ta, /*left=*/true, /*k_is_cols=*/ta == Trans::N);
-  const Pieces pb = make_pieces(B, tb, /*left=*/false, /*k_is_cols=*/tb == Trans::T);
+  // Workspace: the split pieces, then one int32 result per term.
+  const std::int64_t MN = d.batch * d.M * d.N;
+  Workspace& ws = Workspace::local();
+  ws.reserve(split_bytes(A) + split_bytes(B) + 3 * Workspace::padded(MN, sizeof(std::int32_t)));
+  const Pieces pa = make_pieces(A, ta, /*left=*/true, /*k_is_cols=*/ta == Trans::N, ws);
+  const Pieces pb = make_pieces(B, tb, /*left=*/false, /*k_is_cols=*/tb == Trans::T, ws);
   auto at = [](const Pieces& p, int piece) {  // every piece element is one byte
     return static_cast<const void*>(static_cast<const std::int8_t*>(p.base) + piece * p.piece_offset);
   };
@@ -337,7 +390,7 @@ Tensor matmul_integer(const Tensor& A, const Tensor& B, Trans ta, Trans tb, cons
   // Exactness of each int8 product in int32: cut K' into chunks.
   const std::int64_t k_max = INT32_MAX / (pa.max_piece * pb.max_piece);
 
-  // Corrections for the offsets (zero when neither operand was split).
+  // Corrections for the offsets (none when neither operand was split).
   std::vector<std::int64_t> row_c, col_c;
   if (pa.offset_c != 0 || pb.offset_c != 0) {
     row_c.assign(static_cast<std::size_t>(d.batch * d.M), -pa.offset_c * pb.offset_c * d.K);
@@ -352,7 +405,6 @@ Tensor matmul_integer(const Tensor& A, const Tensor& B, Trans ta, Trans tb, cons
     }
   }
 
-  const bool direct = terms.size() == 1 && terms[0].k_len <= k_max && row_c.empty() && rf.bits() == 32;
   GemmDesc g;
   g.batch = d.batch;
   g.M = d.M;
@@ -360,42 +412,60 @@ Tensor matmul_integer(const Tensor& A, const Tensor& B, Trans ta, Trans tb, cons
   g.a = pa.view;
   g.b = pb.view;
   g.c = {GemmType::S32, d.M * d.N, d.N, 1};
-  if (direct) {
-    g.K = d.K;
+  const bool chunked = std::any_of(terms.begin(), terms.end(), [&](const Term& t) { return t.k_len > k_max; });
+  if (terms.size() == 1 && !chunked && row_c.empty() && rf.bits() == 32) {
+    g.K = d.K;  // the plain int8 product: oneDNN writes the result directly
     onednn_gemm(g, terms[0].a, terms[0].b, C.raw());
     return C;
   }
 
-  // Logical K strides: how far one step along K moves in each piece buffer.
+  // Each pass runs every (term, K chunk) product into its own int32 buffer,
+  // then one fused pass adds them, shifted, into C. Unchunked products (the
+  // usual case) take a single pass: C is written once.
+  struct Job {
+    const void* a;
+    const void* b;
+    std::int64_t k;
+    int shift;
+  };
+  std::vector<Job> jobs;
   const std::int64_t a_kstride = pa.view.col_stride, b_kstride = pb.view.row_stride;
-  std::vector<std::int32_t> scratch(static_cast<std::size_t>(d.batch * d.M * d.N));
-  bool first = true;
-  for (std::size_t t = 0; t < terms.size(); ++t) {
-    const Term& term = terms[t];
-    for (std::int64_t k0 = 0; k0 < term.k_len; k0 += k_max) {
-      g.K = std::min(k_max, term.k_len - k0);
-      onednn_gemm(g, static_cast<const std::int8_t*>(term.a) + k0 * a_kstride,
-                  static_cast<const std::int8_t*>(term.b) + k0 * b_kstride, scratch.data());
-      const bool last = t + 1 == terms.size() && k0 + k_max >= term.k_len;
-      const bool correct = last && !row_c.empty();
-      // Whole rows of the flat [batch*M, N] result, in fixed chunks.
-      for_chunks(
-          d.batch * d.M,
-          [&](std::int64_t, std::int64_t rb, std::int64_t re) {
-            for (std::int64_t row = rb; row < re; ++row) {
-              const std::int64_t off = row * d.N;
-              const std::int64_t rc = correct ? row_c[static_cast<std::size_t>(row)] : 0;
-              const std::int64_t* cc = correct ? col_c.data() + (row / d.M) * d.N : nullptr;
-              if (rf.bits() == 64) {
-                accumulate64(scratch.data() + off, C.data<std::int64_t>() + off, d.N, term.shift, first, rc, cc);
-              } else {
-                accumulate32(scratch.data() + off, C.data<std::int32_t>() + off, d.N, term.shift, first, rc, cc);
-              }
-            }
-          },
-          std::max<std::int64_t>(1, kChunk / d.N));
-      first = false;
+  for (const Term& t : terms) {
+    for (std::int64_t k0 = 0; k0 < t.k_len; k0 += k_max) {
+      jobs.push_back({static_cast<const std::int8_t*>(t.a) + k0 * a_kstride,
+                      static_cast<const std::int8_t*>(t.b) + k0 * b_kstride, std::min(k_max, t.k_len - k0),
+                      t.shift});
     }
+  }
+  std::int32_t* scratch[3] = {ws.take<std::int32_t>(MN), ws.take<std::int32_t>(MN), ws.take<std::int32_t>(MN)};
+  for (std::size_t j0 = 0; j0 < jobs.size(); j0 += 3) {
+    TermRows tr;
+    tr.count = static_cast<int>(std::min<std::size_t>(3, jobs.size() - j0));
+    for (int k = 0; k < tr.count; ++k) {
+      const Job& job = jobs[j0 + static_cast<std::size_t>(k)];
+      g.K = job.k;
+      onednn_gemm(g, job.a, job.b, scratch[k]);
+      tr.shift[k] = job.shift;
+    }
+    const bool first = j0 == 0, last = j0 + 3 >= jobs.size();
+    const bool correct = last && !row_c.empty();
+    for_chunks(
+        d.batch * d.M,
+        [&](std::int64_t, std::int64_t rb, std::int64_t re) {
+          for (std::int64_t row = rb; row < re; ++row) {
+            const std::int64_t off = row * d.N;
+            TermRows rows = tr;
+            for (int k = 0; k < rows.count; ++k) rows.s[k] = scratch[k] + off;
+            const std::int64_t rc = correct ? row_c[static_cast<std::size_t>(row)] : 0;
+            const std::int64_t* cc = correct ? col_c.data() + (row / d.M) * d.N : nullptr;
+            if (rf.bits() == 64) {
+              combine64(rows, C.data<std::int64_t>() + off, d.N, first, rc, cc);
+            } else {
+              combine32(rows, C.data<std::int32_t>() + off, d.N, first, rc, cc);
+            }
+          }
+        },
+        std::max<std::int64_t>(1, kChunk / d.N));
   }
   return C;
 }
