@@ -55,6 +55,13 @@ Format Format::accumulator(int bits) {
   return Format(bits, true, Scaling::SharedExponent, Rounding::Nearest, 0);
 }
 
+Format Format::wide(int bits, Rounding rounding) {
+  if (bits < 17 || bits > 31) {
+    throw std::invalid_argument("Format::wide: bits = " + std::to_string(bits) + "; wide formats have 17 to 31 bits");
+  }
+  return Format(bits, true, Scaling::SharedExponent, rounding, 0);
+}
+
 Format Format::fp32() { return Format(32, true, Scaling::Float, Rounding::Nearest, 0); }
 
 std::int64_t Format::qmax() const {
@@ -90,7 +97,7 @@ std::string Format::name() const {
       return "uint" + std::to_string(bits_) + "-g" + std::to_string(group_size_) +
              (rounding_ == Rounding::Stochastic ? "-sr" : "");
     case Scaling::SharedExponent:
-      if (bits_ > 16) return "acc" + std::to_string(bits_);
+      if (bits_ == 32 || bits_ == 64) return "acc" + std::to_string(bits_);
       return std::string(signed_ ? "int" : "uint") + std::to_string(bits_) +
              (rounding_ == Rounding::Stochastic ? "-sr" : "");
   }

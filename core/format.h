@@ -47,6 +47,11 @@ class Format {
   static Format grouped(int bits, int group_size, Rounding rounding = Rounding::Nearest);
   // Exact integer accumulator of an integer matmul: 32 or 64 bits, signed.
   static Format accumulator(int bits);
+  // Wide fixed point, 17-31 bits in int32 storage, for values that never
+  // enter a matmul (the residual stream, LayerNorm and bias parameters,
+  // master weights). A product of two 24-bit values fits in 48 bits, so a row
+  // sum of up to 2^14 such products cannot overflow int64.
+  static Format wide(int bits, Rounding rounding = Rounding::Stochastic);
   static Format fp32();
 
   int bits() const { return bits_; }

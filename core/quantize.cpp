@@ -107,6 +107,11 @@ INTRAIN_CLONES std::int64_t quantize_i16(const float* x, std::int16_t* o, std::i
   return quantize_body(x, o, n, e, m, k, lo, hi, b);
 }
 
+INTRAIN_CLONES std::int64_t quantize_i32(const float* x, std::int32_t* o, std::int64_t n, int e, Rounding m,
+                                         RngKey k, std::int64_t lo, std::int64_t hi, std::uint32_t b) {
+  return quantize_body(x, o, n, e, m, k, lo, hi, b);
+}
+
 std::int64_t quantize_fixed_into(std::span<const float> x, Tensor& t, RngKey key) {
   const Format& f = t.format();
   const int e = t.exponent();
@@ -117,6 +122,8 @@ std::int64_t quantize_fixed_into(std::span<const float> x, Tensor& t, RngKey key
         const auto base = static_cast<std::uint32_t>(b);
         if (t.dtype() == DType::I8)
           return quantize_i8(x.data() + b, t.data<std::int8_t>() + b, end - b, e, f.rounding(), key, lo, hi, base);
+        if (t.dtype() == DType::I32)
+          return quantize_i32(x.data() + b, t.data<std::int32_t>() + b, end - b, e, f.rounding(), key, lo, hi, base);
         return quantize_i16(x.data() + b, t.data<std::int16_t>() + b, end - b, e, f.rounding(), key, lo, hi, base);
       },
       std::plus<>());
@@ -195,7 +202,7 @@ Tensor quantize(std::span<const float> x, const Shape& shape, const Format& f, R
       quantize_grouped_into(x, t, key);
       break;
     case Scaling::SharedExponent:
-      if (f.bits() > 16) throw std::invalid_argument("quantize: " + f.name() + " is not an operand format");
+      if (f.bits() > 31) throw std::invalid_argument("quantize: " + f.name() + " is not a fixed-point format");
       t.set_exponent(exponent_for_max(max_abs(x), f.qmax()));
       t.set_saturated(quantize_fixed_into(x, t, key));
       break;
@@ -205,8 +212,8 @@ Tensor quantize(std::span<const float> x, const Shape& shape, const Format& f, R
 
 Tensor quantize_at(std::span<const float> x, const Shape& shape, const Format& f, int exponent, RngKey key) {
   check_size(x, shape, "quantize_at");
-  if (f.scaling() != Scaling::SharedExponent || f.bits() > 16) {
-    throw std::invalid_argument("quantize_at: " + f.name() + " is not a fixed-point operand format");
+  if (f.scaling() != Scaling::SharedExponent || f.bits() > 31) {
+    throw std::invalid_argument("quantize_at: " + f.name() + " is not a fixed-point format of at most 31 bits");
   }
   max_abs(x);  // finiteness check
   Tensor t(shape, f, exponent);

@@ -46,7 +46,7 @@ float max_abs(std::span<const float> x);
 //   Float: a copy.
 Tensor quantize(std::span<const float> x, const Shape& shape, const Format& f, RngKey key = {});
 
-// SharedExponent only: quantize at a given exponent, saturating.
+// SharedExponent formats of up to 31 bits: quantize at a given exponent, saturating.
 Tensor quantize_at(std::span<const float> x, const Shape& shape, const Format& f, int exponent, RngKey key = {});
 
 // ---- integer -> float ------------------------------------------------------

@@ -1,0 +1,284 @@
+// Causal attention softmax and the cross-entropy loss, forward and backward,
+// float and integer side by side. Both rest on one integer exponential.
+//
+// Integer exp. For d = s - max(s) <= 0 at exponent e and a real factor c
+// (1/sqrt(d_head) for attention, 1 for the loss), t = d * 2^e * c * log2(e)
+// is formed in Q16 with one multiply by the constant M = round(c log2(e) 2^30)
+// and a shift. Then 2^t = 2^-q * 2^-(i/256) * 2^-(r/2^16) with
+// -t = 2^16 q + 256 i + r: a 256-entry Q30 table for the middle factor and
+// 1 - y + y^2/2 (y = r ln2 / 2^16 < 0.0027, error < 3.3e-9) for the last.
+// Every value is an integer in (0, 2^30]; t < -31 gives 0.
+//
+// Softmax. p_j = e_j / sum_k e_k, with one division per row:
+// inv = floor(2^61 / sum) and p_j = (e_j * inv) >> 31 in Q30 (the sum is at
+// least 2^30, since the maximum contributes 2^0, so the product stays below
+// 2^61). Backward: dS = c * P (dP - sum_k P_k dP_k), exact in int64 once dP
+// is rounded to 24 bits.
+//
+// Cross-entropy. grad = (softmax - onehot) / R, the 1/R folded in as a
+// fixed-point multiplier; the loss itself is computed in double from the
+// integer logits, for reporting only: it never feeds the update.
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "core/fixed_point.h"
+#include "core/ops.h"
+#include "core/parallel.h"
+#include "core/quantize.h"
+
+namespace intrain {
+
+namespace {
+
+constexpr double kLog2E = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+struct Exp2Table {
+  std::array<std::int64_t, 256> t{};
+  std::int64_t ln2_q30 = 0;
+  Exp2Table() {
+    for (int i = 0; i < 256; ++i) t[static_cast<std::size_t>(i)] = std::llround(std::ldexp(std::exp2(-i / 256.0), 30));
+    ln2_q30 = std::llround(std::ldexp(kLn2, 30));
+  }
+};
+const Exp2Table& exp2_table() {
+  static const Exp2Table t;
+  return t;
+}
+
+// The multiplier that turns a score difference at exponent e into Q16 log2
+// units, and the shift to apply after multiplying: t = round(d * M / 2^shift).
+struct ExpScale {
+  std::int64_t M;
+  int shift;  // may be negative (a left shift)
+};
+ExpScale exp_scale(double c, int e) { return {std::llround(std::ldexp(c * kLog2E, 30)), 14 - e}; }
+
+// 2^(t / 2^16) in Q30 for t <= 0 (t in Q16).
+inline std::int64_t exp2_q30(std::int64_t t, const Exp2Table& tb) {
+  const std::int64_t a = -t;
+  const std::int64_t q = a >> 16;
+  if (q >= 31) return 0;
+  const std::int64_t i = (a >> 8) & 255, r = a & 255;
+  const std::int64_t y = (r * tb.ln2_q30) >> 16;                          // Q30, < 2^22
+  const std::int64_t poly = (std::int64_t{1} << 30) - y + ((y * y) >> 31);  // Q30
+  const std::int64_t v = shift_round_nearest(tb.t[static_cast<std::size_t>(i)] * poly, 30);
+  return shift_round_nearest(v, static_cast<int>(q));
+}
+
+// The log2-domain argument in Q16 for a difference d <= 0, clamped at -32.
+inline std::int64_t exp_arg(std::int64_t d, const ExpScale& s) {
+  constexpr std::int64_t kFloor = -(std::int64_t{32} << 16);
+  const std::int64_t prod = d * s.M;  // |d| < 2^32, M < 2^31: fits
+  if (s.shift >= 0) return std::max(kFloor, shift_round_nearest(prod, s.shift));
+  if (prod < (kFloor >> -s.shift)) return kFloor;
+  return prod * (std::int64_t{1} << -s.shift);
+}
+
+// Softmax of one row of n integer scores into Q30 probabilities (p[j] for j >= n untouched).
+template <class S>
+inline void softmax_row_q30(const S* s, std::int64_t n, const ExpScale& sc, const Exp2Table& tb, std::int64_t* p) {
+  std::int64_t mx = s[0];
+  for (std::int64_t j = 1; j < n; ++j) mx = std::max<std::int64_t>(mx, s[j]);
+  std::int64_t sum = 0;
+  for (std::int64_t j = 0; j < n; ++j) {
+    p[j] = exp2_q30(exp_arg(static_cast<std::int64_t>(s[j]) - mx, sc), tb);
+    sum += p[j];
+  }
+  const std::int64_t inv = (std::int64_t{1} << 61) / sum;
+  for (std::int64_t j = 0; j < n; ++j) p[j] = (p[j] * inv) >> 31;
+}
+
+void check_square(const Tensor& s, const char* who) {
+  if (s.rank() != 3 || s.rows() != s.cols()) {
+    throw std::invalid_argument(std::string(who) + ": scores " + s.describe() + " must be [BH, T, T]");
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Causal softmax
+// ---------------------------------------------------------------------------
+
+Tensor causal_softmax_forward(const Tensor& scores, double scale, const Format& out, RngKey key) {
+  check_square(scores, "causal_softmax_forward");
+  const std::int64_t BH = scores.batch(), T = scores.cols();
+  if (scores.format().is_float()) {
+    Tensor p(scores.shape(), Format::fp32());
+    const float* s = scores.data<float>();
+    float* o = p.data<float>();
+    for_chunks(BH * T, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const std::int64_t n = r % T + 1;  // causal: row t sees t + 1 keys
+        const float* sr = s + r * T;
+        float mx = sr[0];
+        for (std::int64_t j = 1; j < n; ++j) mx = std::max(mx, sr[j]);
+        double sum = 0.0;
+        for (std::int64_t j = 0; j < n; ++j) {
+          o[r * T + j] = static_cast<float>(std::exp((static_cast<double>(sr[j]) - mx) * scale));
+          sum += o[r * T + j];
+        }
+        const float inv = static_cast<float>(1.0 / sum);
+        for (std::int64_t j = 0; j < n; ++j) o[r * T + j] *= inv;
+      }
+    }, 64);
+    return cast(p, out, key);
+  }
+  const Exp2Table& tb = exp2_table();
+  const ExpScale sc = exp_scale(scale, scores.exponent());
+  Tensor p(scores.shape(), Format::accumulator(32), -30);
+  std::int32_t* o = p.data<std::int32_t>();
+  visit_int(scores, [&](const auto* s) {
+    for_chunks(BH * T, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
+      std::vector<std::int64_t> row(static_cast<std::size_t>(T));
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const std::int64_t n = r % T + 1;
+        softmax_row_q30(s + r * T, n, sc, tb, row.data());
+        for (std::int64_t j = 0; j < n; ++j) o[r * T + j] = static_cast<std::int32_t>(row[static_cast<std::size_t>(j)]);
+      }
+    }, 64);
+  });
+  return requantize(p, out, key);
+}
+
+Tensor causal_softmax_backward(const Tensor& dP, const Tensor& P, double scale, const Format& out, RngKey key) {
+  check_square(P, "causal_softmax_backward");
+  const std::int64_t BH = P.batch(), T = P.cols();
+  if (P.format().is_float()) {
+    Tensor dS(P.shape(), Format::fp32());
+    const float *p = P.data<float>(), *g = dP.data<float>();
+    float* o = dS.data<float>();
+    for_chunks(BH * T, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const std::int64_t n = r % T + 1;
+        double dot = 0.0;
+        for (std::int64_t j = 0; j < n; ++j) dot += static_cast<double>(p[r * T + j]) * g[r * T + j];
+        for (std::int64_t j = 0; j < n; ++j)
+          o[r * T + j] = static_cast<float>(scale * p[r * T + j] * (g[r * T + j] - dot));
+      }
+    }, 64);
+    return cast(dS, out, key);
+  }
+  // dP * c rounded to 24 bits: c = 1/sqrt(d_head) as a Q20 multiplier.
+  const std::int64_t c_q20 = std::llround(std::ldexp(scale, 20));
+  Tensor dps(P.shape(), Format::accumulator(64), dP.exponent() - 20);
+  std::int64_t* pd = dps.data<std::int64_t>();
+  visit_int(dP, [&](const auto* g) {
+    for_chunks(dP.numel(), [&](std::int64_t, std::int64_t i0, std::int64_t i1) {
+      for (std::int64_t i = i0; i < i1; ++i) pd[i] = static_cast<std::int64_t>(g[i]) * c_q20;
+    });
+  });
+  const Tensor g24 = requantize(dps, residual_format(), key.derive(1));
+  const std::int32_t* g = g24.data<std::int32_t>();
+  // dS = P (g - sum_k P_k g_k) at exponent e_p + e_g + (-e_p) ... all terms
+  // at exponent e_p + e_g: g_j is lifted by -e_p (P <= 1, so e_p <= 0).
+  const int ep = P.exponent();
+  if (ep > 0) throw std::logic_error("causal_softmax_backward: probabilities with a positive exponent");
+  Tensor acc(P.shape(), Format::accumulator(64), 2 * ep + g24.exponent());
+  std::int64_t* o = acc.data<std::int64_t>();
+  visit_int(P, [&](const auto* p) {
+    for_chunks(BH * T, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const std::int64_t n = r % T + 1;
+        std::int64_t dot = 0;  // |dot| <= max|g| * sum_k p_k <= 2^23 * 2^(-e_p) (P sums to 1)
+        for (std::int64_t j = 0; j < n; ++j) dot += static_cast<std::int64_t>(p[r * T + j]) * g[r * T + j];
+        for (std::int64_t j = 0; j < n; ++j) {
+          const std::int64_t inner = (static_cast<std::int64_t>(g[r * T + j]) << -ep) - dot;  // < 2^39
+          o[r * T + j] = static_cast<std::int64_t>(p[r * T + j]) * inner;                       // < 2^15 * 2^39
+        }
+      }
+    }, 64);
+  });
+  return requantize(acc, out, key.derive(2));
+}
+
+// ---------------------------------------------------------------------------
+// Cross-entropy
+// ---------------------------------------------------------------------------
+
+namespace {
+
+void check_targets(const std::int32_t* targets, std::int64_t R, std::int64_t V) {
+  for (std::int64_t r = 0; r < R; ++r) {
+    if (targets[r] < 0 || targets[r] >= V) {
+      throw std::invalid_argument("cross_entropy: target " + std::to_string(targets[r]) + " at row " +
+                                  std::to_string(r) + " is outside the vocabulary of " + std::to_string(V));
+    }
+  }
+}
+
+}  // namespace
+
+double cross_entropy_loss(const Tensor& logits, const std::int32_t* targets) {
+  const std::int64_t V = logits.cols(), R = logits.numel() / V;
+  check_targets(targets, R, V);
+  // Per-row log-sum-exp in double; rows summed in a fixed order.
+  return reduce_chunks(
+             R, 0.0,
+             [&](std::int64_t r0, std::int64_t r1) {
+               double s = 0.0;
+               for (std::int64_t r = r0; r < r1; ++r) {
+                 double mx = -INFINITY;
+                 for (std::int64_t j = 0; j < V; ++j) mx = std::max(mx, logits.value(r * V + j));
+                 double z = 0.0;
+                 for (std::int64_t j = 0; j < V; ++j) z += std::exp(logits.value(r * V + j) - mx);
+                 s += mx + std::log(z) - logits.value(r * V + targets[r]);
+               }
+               return s;
+             },
+             std::plus<>(), 64) /
+         static_cast<double>(R);
+}
+
+CrossEntropy cross_entropy(const Tensor& logits, const std::int32_t* targets, const Format& grad_format, RngKey key) {
+  const std::int64_t V = logits.cols(), R = logits.numel() / V;
+  CrossEntropy ce;
+  ce.loss = cross_entropy_loss(logits, targets);
+  if (logits.format().is_float()) {
+    Tensor g(logits.shape(), Format::fp32());
+    const float* l = logits.data<float>();
+    float* o = g.data<float>();
+    const float invR = 1.0f / static_cast<float>(R);
+    for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const float* lr = l + r * V;
+        const float mx = *std::max_element(lr, lr + V);
+        double sum = 0.0;
+        for (std::int64_t j = 0; j < V; ++j) sum += std::exp(static_cast<double>(lr[j]) - mx);
+        for (std::int64_t j = 0; j < V; ++j) {
+          const double p = std::exp(static_cast<double>(lr[j]) - mx) / sum;
+          o[r * V + j] = static_cast<float>((p - (j == targets[r] ? 1.0 : 0.0)) * invR);
+        }
+      }
+    }, 64);
+    ce.grad = cast(g, grad_format, key);
+    return ce;
+  }
+  const Exp2Table& tb = exp2_table();
+  const ExpScale sc = exp_scale(1.0, logits.exponent());
+  // grad = (p - onehot) * round(2^k / R) at exponent -30 - k, with k chosen
+  // so the multiplier lies in [2^30, 2^31]: |p - onehot| <= 2^30 keeps the
+  // product below 2^61.
+  const int k = 30 + bit_length(static_cast<std::uint64_t>(R));
+  const std::int64_t inv_r = std::llround(std::ldexp(1.0, k) / static_cast<double>(R));
+  Tensor acc(logits.shape(), Format::accumulator(64), -30 - k);
+  std::int64_t* o = acc.data<std::int64_t>();
+  visit_int(logits, [&](const auto* l) {
+    for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
+      std::vector<std::int64_t> row(static_cast<std::size_t>(V));
+      for (std::int64_t r = r0; r < r1; ++r) {
+        softmax_row_q30(l + r * V, V, sc, tb, row.data());
+        row[static_cast<std::size_t>(targets[r])] -= std::int64_t{1} << 30;
+        for (std::int64_t j = 0; j < V; ++j) o[r * V + j] = row[static_cast<std::size_t>(j)] * inv_r;
+      }
+    }, 64);
+  });
+  ce.grad = requantize(acc, grad_format, key);
+  return ce;
+}
+
+}  // namespace intrain

@@ -1,0 +1,262 @@
+#include "layers/gpt.h"
+
+#include <cmath>
+#include <stdexcept>
+
+#include "core/matmul.h"
+#include "core/quantize.h"
+
+namespace intrain {
+
+void GPTConfig::validate() const {
+  auto need = [](bool ok, const std::string& what) {
+    if (!ok) throw std::invalid_argument("model configuration: " + what);
+  };
+  need(n_layer >= 1 && n_layer <= 64, "--layers must be in 1..64, got " + std::to_string(n_layer));
+  need(n_embd >= 8 && n_embd <= 4096, "--d-model must be in 8..4096, got " + std::to_string(n_embd));
+  need(n_head >= 1 && n_embd % n_head == 0,
+       "--heads must divide --d-model (" + std::to_string(n_embd) + "), got " + std::to_string(n_head));
+  need(n_ctx >= 2 && n_ctx <= 4096, "--context must be in 2..4096, got " + std::to_string(n_ctx));
+  need(vocab_size == 256, "the vocabulary is byte-level (256)");
+}
+
+namespace {
+
+// Deterministic N(0, 1) draws keyed by (seed, stream, index): Box-Muller on
+// two counter-based uniforms, so initialisation does not depend on threads.
+float normal(const RngKey& k, std::uint32_t i) {
+  const double u1 = (static_cast<double>(k.bits(2 * i)) + 1.0) / 4294967297.0;
+  const double u2 = static_cast<double>(k.bits(2 * i + 1)) / 4294967296.0;
+  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+}
+
+}  // namespace
+
+GPT::GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed) : cfg_(cfg), prec_(prec) {
+  cfg_.validate();
+  const std::int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
+  struct Spec {
+    std::string name;
+    Shape shape;
+    ParamKind kind;
+    float std;  // 0: constant `fill`
+    float fill;
+  };
+  std::vector<Spec> specs;
+  const float proj_std = 0.02f / std::sqrt(2.0f * static_cast<float>(cfg_.n_layer));
+  specs.push_back({"wte.weight", {V, C}, ParamKind::Embedding, 0.02f, 0.0f});
+  specs.push_back({"wpe.weight", {cfg_.n_ctx, C}, ParamKind::Embedding, 0.02f, 0.0f});
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    const std::string p = "h." + std::to_string(l) + ".";
+    specs.push_back({p + "ln_1.weight", {C}, ParamKind::Norm, 0.0f, 1.0f});
+    specs.push_back({p + "ln_1.bias", {C}, ParamKind::Norm, 0.0f, 0.0f});
+    specs.push_back({p + "attn.c_attn.weight", {C, 3 * C}, ParamKind::MatmulWeight, 0.02f, 0.0f});
+    specs.push_back({p + "attn.c_attn.bias", {3 * C}, ParamKind::Bias, 0.0f, 0.0f});
+    specs.push_back({p + "attn.c_proj.weight", {C, C}, ParamKind::MatmulWeight, proj_std, 0.0f});
+    specs.push_back({p + "attn.c_proj.bias", {C}, ParamKind::Bias, 0.0f, 0.0f});
+    specs.push_back({p + "ln_2.weight", {C}, ParamKind::Norm, 0.0f, 1.0f});
+    specs.push_back({p + "ln_2.bias", {C}, ParamKind::Norm, 0.0f, 0.0f});
+    specs.push_back({p + "mlp.c_fc.weight", {C, 4 * C}, ParamKind::MatmulWeight, 0.02f, 0.0f});
+    specs.push_back({p + "mlp.c_fc.bias", {4 * C}, ParamKind::Bias, 0.0f, 0.0f});
+    specs.push_back({p + "mlp.c_proj.weight", {4 * C, C}, ParamKind::MatmulWeight, proj_std, 0.0f});
+    specs.push_back({p + "mlp.c_proj.bias", {C}, ParamKind::Bias, 0.0f, 0.0f});
+  }
+  specs.push_back({"ln_f.weight", {C}, ParamKind::Norm, 0.0f, 1.0f});
+  specs.push_back({"ln_f.bias", {C}, ParamKind::Norm, 0.0f, 0.0f});
+
+  params_.reserve(specs.size());
+  for (std::size_t s = 0; s < specs.size(); ++s) {
+    const Spec& sp = specs[s];
+    Param p;
+    p.name = sp.name;
+    p.kind = sp.kind;
+    std::int64_t n = 1;
+    for (auto d : sp.shape) n *= d;
+    std::vector<float> init(static_cast<std::size_t>(n), sp.fill);
+    if (sp.std > 0.0f) {
+      const RngKey k(seed, mix64(0x1A17 + s));
+      for (std::int64_t i = 0; i < n; ++i) init[static_cast<std::size_t>(i)] = sp.std * normal(k, static_cast<std::uint32_t>(i));
+    }
+    if (prec_.is_float()) {
+      p.master = quantize(init, sp.shape, Format::fp32());
+    } else {
+      p.master = quantize_at(init, sp.shape, Format::wide(31), kMasterExponent);
+    }
+    params_.push_back(std::move(p));
+  }
+  wte_ = &param("wte.weight");
+  wpe_ = &param("wpe.weight");
+  lnf_g_ = &param("ln_f.weight");
+  lnf_b_ = &param("ln_f.bias");
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    const std::string p = "h." + std::to_string(l) + ".";
+    blocks_.push_back(Block{&param(p + "ln_1.weight"), &param(p + "ln_1.bias"), &param(p + "ln_2.weight"),
+                            &param(p + "ln_2.bias"),
+                            Linear(&param(p + "attn.c_attn.weight"), &param(p + "attn.c_attn.bias")),
+                            Linear(&param(p + "attn.c_proj.weight"), &param(p + "attn.c_proj.bias")),
+                            Linear(&param(p + "mlp.c_fc.weight"), &param(p + "mlp.c_fc.bias")),
+                            Linear(&param(p + "mlp.c_proj.weight"), &param(p + "mlp.c_proj.bias")),
+                            {}, {}, {}, {}, {}, {}, {}});
+  }
+  refresh_values(0, seed);
+}
+
+Param& GPT::param(const std::string& name) {
+  for (Param& p : params_)
+    if (p.name == name) return p;
+  throw std::out_of_range("GPT: no parameter named '" + name + "'");
+}
+
+std::int64_t GPT::num_parameters() const {
+  std::int64_t n = 0;
+  for (const Param& p : params_) n += p.master.numel();
+  return n;
+}
+
+RngKey GPT::key(std::uint64_t op) const { return RngKey(seed_, stream_id(step_, op)); }
+
+void GPT::note(const Tensor& t) {
+  saturated_ += t.saturated();
+  cast_elements_ += t.numel();
+}
+
+void GPT::refresh_values(std::uint64_t step, std::uint64_t seed) {
+  const RngKey base(seed, stream_id(step, 0xF0F0));
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    Param& p = params_[i];
+    if (prec_.is_float()) {
+      p.value = p.master;
+      continue;
+    }
+    const bool operand = p.kind == ParamKind::MatmulWeight || p.kind == ParamKind::Embedding;
+    p.value = cast(p.master, operand ? prec_.w : residual_format(), base.derive(i));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// One block, forward then backward. Shapes: h [B*T, C]; heads [B*H, T, D].
+// Op ids for the rounding streams: 100 * (layer + 1) + a local number.
+// ---------------------------------------------------------------------------
+
+Tensor GPT::block_forward(Block& b, int layer, Tensor h) {
+  const std::int64_t H = cfg_.n_head, D = cfg_.n_embd / H;
+  const std::uint64_t id = 100 * static_cast<std::uint64_t>(layer + 1);
+  const Format& A = prec_.a;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+
+  // Attention: h += c_proj(attn(ln_1(h)))
+  const Tensor a1 = layernorm_forward(h, b.ln1_g->value, b.ln1_b->value, A, key(id + 1), b.ln1);
+  note(a1);
+  const Tensor qkv = b.c_attn.forward(a1, A, key(id + 2));
+  note(qkv);
+  split_heads(qkv, B_, T_, H, A, key(id + 3), b.q, b.k, b.v);
+  const Tensor S = matmul(b.q, b.k, Trans::N, Trans::T);  // [BH, T, T]
+  b.P = causal_softmax_forward(S, scale, A, key(id + 4));
+  note(b.P);
+  const Tensor Y = merge_heads(matmul(b.P, b.v), B_, T_, H, A, key(id + 5));  // [B*T, C]
+  note(Y);
+  const Tensor o = b.c_proj.forward(Y, residual(), key(id + 6));
+  residual_add(h, o, key(id + 7));
+  note(h);
+
+  // MLP: h += c_proj(gelu(c_fc(ln_2(h))))
+  const Tensor a2 = layernorm_forward(h, b.ln2_g->value, b.ln2_b->value, A, key(id + 8), b.ln2);
+  note(a2);
+  b.z = b.c_fc.forward(a2, residual(), key(id + 9));
+  const Tensor g = gelu_forward(b.z, A, key(id + 10));
+  note(g);
+  const Tensor p = b.mlp_proj.forward(g, residual(), key(id + 11));
+  residual_add(h, p, key(id + 12));
+  note(h);
+  return h;
+}
+
+Tensor GPT::block_backward(Block& b, int layer, Tensor dh) {
+  const std::int64_t H = cfg_.n_head, D = cfg_.n_embd / H;
+  const std::uint64_t id = 100 * static_cast<std::uint64_t>(layer + 1) + 50;
+  const Format& E = prec_.e;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+
+  // MLP: dh flows into both the residual and the MLP branch.
+  const Tensor dp = cast(dh, E, key(id + 1));
+  note(dp);
+  const Tensor dg = b.mlp_proj.backward(dp);
+  const Tensor dz = gelu_backward(dg, b.z, E, key(id + 2));
+  note(dz);
+  const Tensor da2 = b.c_fc.backward(dz);
+  Tensor dg2, db2;
+  const Tensor dln2 = layernorm_backward(da2, b.ln2_g->value, b.ln2, dg2, db2, key(id + 3));
+  b.ln2_g->accumulate(std::move(dg2));
+  b.ln2_b->accumulate(std::move(db2));
+  residual_add(dh, dln2, key(id + 4));
+  b.z = Tensor();
+
+  // Attention.
+  const Tensor dout = cast(dh, E, key(id + 5));
+  note(dout);
+  const Tensor dY = split_heads_one(b.c_proj.backward(dout), B_, T_, H, E, key(id + 6));  // [BH, T, D]
+  note(dY);
+  const Tensor dP = matmul(dY, b.v, Trans::N, Trans::T);  // [BH, T, T]
+  const Tensor dV = matmul(b.P, dY, Trans::T, Trans::N);  // [BH, T, D]
+  const Tensor dS = causal_softmax_backward(dP, b.P, scale, E, key(id + 7));
+  note(dS);
+  const Tensor dQ = matmul(dS, b.k);                       // [BH, T, D]
+  const Tensor dK = matmul(dS, b.q, Trans::T, Trans::N);  // [BH, T, D]
+  const Tensor dqkv = merge_qkv(dQ, dK, dV, B_, T_, H, E, key(id + 8));
+  note(dqkv);
+  const Tensor da1 = b.c_attn.backward(dqkv);
+  Tensor dg1, db1;
+  const Tensor dln1 = layernorm_backward(da1, b.ln1_g->value, b.ln1, dg1, db1, key(id + 9));
+  b.ln1_g->accumulate(std::move(dg1));
+  b.ln1_b->accumulate(std::move(db1));
+  residual_add(dh, dln1, key(id + 10));
+  b.q = b.k = b.v = b.P = Tensor();
+  return dh;
+}
+
+double GPT::forward(const std::int32_t* tokens, const std::int32_t* targets, std::int64_t B, std::int64_t T,
+                    std::uint64_t step, std::uint64_t seed, bool train) {
+  if (T < 1 || T > cfg_.n_ctx) {
+    throw std::invalid_argument("GPT::forward: sequence length " + std::to_string(T) + " is outside 1.." +
+                                std::to_string(cfg_.n_ctx));
+  }
+  step_ = step;
+  seed_ = seed;
+  B_ = B;
+  T_ = T;
+  saturated_ = 0;
+  cast_elements_ = 0;
+  tokens_.assign(tokens, tokens + B * T);
+
+  Tensor h = embedding_forward(tokens, B, T, wte_->value, wpe_->value);
+  for (int l = 0; l < cfg_.n_layer; ++l) h = block_forward(blocks_[static_cast<std::size_t>(l)], l, std::move(h));
+  xf_ = layernorm_forward(h, lnf_g_->value, lnf_b_->value, prec_.a, key(1), lnf_);
+  note(xf_);
+  logits_ = matmul(xf_, wte_->value, Trans::N, Trans::T);  // tied head: [B*T, V]
+  if (!targets) return 0.0;
+  if (!train) return cross_entropy_loss(logits_, targets);
+  CrossEntropy ce = cross_entropy(logits_, targets, prec_.e, key(2));
+  dlogits_ = std::move(ce.grad);
+  note(dlogits_);
+  return ce.loss;
+}
+
+void GPT::backward() {
+  if (dlogits_.empty()) throw std::logic_error("GPT::backward: no training forward pass to differentiate");
+  // Tied head: logits = x·wteᵀ, so dx = dlogits·wte and dwte += dlogitsᵀ·x.
+  const Tensor dx = matmul(dlogits_, wte_->value);
+  wte_->accumulate(matmul(dlogits_, xf_, Trans::T, Trans::N));
+  Tensor dg, db;
+  Tensor dh = layernorm_backward(dx, lnf_g_->value, lnf_, dg, db, key(3));
+  lnf_g_->accumulate(std::move(dg));
+  lnf_b_->accumulate(std::move(db));
+  for (int l = cfg_.n_layer - 1; l >= 0; --l) dh = block_backward(blocks_[static_cast<std::size_t>(l)], l, std::move(dh));
+  Tensor dwte, dwpe;
+  embedding_backward(tokens_.data(), B_, T_, dh, dwte, dwpe, cfg_.vocab_size, cfg_.n_ctx);
+  wte_->accumulate(std::move(dwte));
+  wpe_->accumulate(std::move(dwpe));
+  dlogits_ = Tensor();
+  xf_ = Tensor();
+}
+
+}  // namespace intrain

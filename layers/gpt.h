@@ -1,0 +1,91 @@
+// A GPT-2-style byte-level language model: learned token and position
+// embeddings, pre-LayerNorm blocks (causal self-attention, GELU MLP),
+// a final LayerNorm and an output head tied to the token embedding.
+//
+// The same code runs in float32 and in integer formats; only the kernels
+// behind core/ops.h and core/matmul.h differ. Forward and backward are
+// written out explicitly, block by block (see docs/engine.md for why this
+// engine uses explicit forward/backward pairs rather than a tape).
+//
+// Parameters use Hugging Face GPT-2 names and layouts (Conv1D weights are
+// [in, out]), so checkpoints load into transformers-style code unchanged.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/ops.h"
+#include "core/precision.h"
+#include "layers/linear.h"
+#include "layers/param.h"
+
+namespace intrain {
+
+struct GPTConfig {
+  int n_layer = 4, n_head = 4, n_embd = 128, n_ctx = 128, vocab_size = 256;
+  void validate() const;  // throws std::invalid_argument naming the bad field
+};
+
+class GPT {
+ public:
+  // Parameters initialised as GPT-2 does (N(0, 0.02); residual projections
+  // N(0, 0.02/sqrt(2 n_layer)); LayerNorm 1 and 0; biases 0) from a
+  // counter-based generator keyed by `seed`.
+  GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed);
+
+  const GPTConfig& config() const { return cfg_; }
+  const Precision& precision() const { return prec_; }
+  std::vector<Param>& params() { return params_; }
+  const std::vector<Param>& params() const { return params_; }
+  Param& param(const std::string& name);
+
+  // Runs the model on tokens [B, T] (T <= n_ctx). With targets, returns the
+  // mean cross-entropy and, if `train`, keeps what backward() needs. `step`
+  // and `seed` key the stochastic rounding of this pass.
+  double forward(const std::int32_t* tokens, const std::int32_t* targets, std::int64_t B, std::int64_t T,
+                 std::uint64_t step, std::uint64_t seed, bool train);
+  // Accumulates every parameter's gradient for the last training forward.
+  void backward();
+  // Logits of the last forward pass, [B*T, V] (accumulator or float).
+  const Tensor& logits() const { return logits_; }
+
+  // Re-derives every parameter's value from its master copy (after an
+  // update, or after loading a checkpoint).
+  void refresh_values(std::uint64_t step, std::uint64_t seed);
+  // Sum of saturated() over the tensors of the last step: forward, backward
+  // and the value casts. Numerator of the saturated fraction.
+  std::int64_t saturated() const { return saturated_; }
+  std::int64_t elements_cast() const { return cast_elements_; }
+  std::int64_t num_parameters() const;
+
+ private:
+  struct Block {
+    Param *ln1_g, *ln1_b, *ln2_g, *ln2_b;
+    Linear c_attn, c_proj, c_fc, mlp_proj;
+    LayerNormCache ln1, ln2;
+    Tensor q, k, v, P, z;  // saved for backward
+  };
+
+  RngKey key(std::uint64_t op) const;
+  void note(const Tensor& t);
+  Tensor block_forward(Block& b, int layer, Tensor h);
+  Tensor block_backward(Block& b, int layer, Tensor dh);
+  Format residual() const { return prec_.is_float() ? Format::fp32() : residual_format(); }
+
+  GPTConfig cfg_;
+  Precision prec_;
+  std::vector<Param> params_;
+  std::vector<Block> blocks_;
+  Param *wte_, *wpe_, *lnf_g_, *lnf_b_;
+
+  // State of the current pass.
+  std::uint64_t step_ = 0, seed_ = 0;
+  std::int64_t B_ = 0, T_ = 0;
+  std::vector<std::int32_t> tokens_;
+  LayerNormCache lnf_;
+  Tensor xf_, logits_, dlogits_;
+  std::int64_t saturated_ = 0, cast_elements_ = 0;
+};
+
+}  // namespace intrain

@@ -1,0 +1,38 @@
+// A trainable parameter: its master copy, the value the forward pass uses,
+// its gradient and its optimizer state.
+//
+// Float mode: master, value and grad are fp32; value is a copy of master.
+// Integer mode:
+//   master   Format::wide(31) at a fixed exponent (kMasterExponent): the
+//            optimizer's 31-bit fixed-point copy, saturating at +-64;
+//   value    the run's W format for matmul weights and embeddings, or
+//            residual_format() (24 bits) for biases and LayerNorm parameters,
+//            re-cast from master after every update with stochastic rounding;
+//   grad     an exact accumulator (acc64) summed over all uses in a step;
+//   momentum Format::wide(31) at a dynamic exponent.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace intrain {
+
+inline constexpr int kMasterExponent = -24;
+
+enum class ParamKind { MatmulWeight, Embedding, Bias, Norm };
+
+struct Param {
+  std::string name;  // Hugging Face GPT-2 name, e.g. "h.0.attn.c_attn.weight"
+  ParamKind kind = ParamKind::MatmulWeight;
+  Tensor master, value, grad, momentum;
+  bool has_grad = false;
+
+  bool decays() const { return kind == ParamKind::MatmulWeight; }
+  // Adds g to the gradient of this step (the first call sets it).
+  void accumulate(Tensor g);
+  void zero_grad() { has_grad = false; grad = Tensor(); }
+};
+
+}  // namespace intrain
