@@ -58,6 +58,7 @@ struct LayerNormCache {
   std::vector<float> rstd;          // float mode: 1/sigma per row
   std::vector<std::int64_t> rinv;   // integer mode: floor(2^48 / sigma'), sigma' = sigma * 2^m
   std::vector<std::int32_t> rshift; // integer mode: m per row
+  int x_exponent = 0;               // integer mode: exponent of the input (sigma is in its units)
 };
 
 // y = (x - mean) / sqrt(var + eps) * gamma + beta over the last dim, cast to `out`.

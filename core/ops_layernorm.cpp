@@ -144,6 +144,7 @@ Tensor ln_forward_int(const Tensor& x, const Tensor& gamma, const Tensor& beta, 
   cache.xhat = Tensor(x.shape(), Format::accumulator(32), -16);
   cache.rinv.assign(static_cast<std::size_t>(R), 0);
   cache.rshift.assign(static_cast<std::size_t>(R), 0);
+  cache.x_exponent = e;
   const std::int32_t* px = x.data<std::int32_t>();
   std::int32_t* xh = cache.xhat.data<std::int32_t>();
   for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
@@ -198,7 +199,8 @@ Tensor ln_backward_int(const Tensor& dy_in, const Tensor& gamma, const LayerNorm
   const std::int32_t* pgr = g.data<std::int32_t>();
 
   // Per row: v_c = C*g_c - sum(g) - xhat_c * sum(g * xhat) (all in g units),
-  // then dx_c = v_c * rinv / C at exponent e_g + m - 48. Rows have their own
+  // then dx_c = v_c * rinv / C at exponent e_g + m - 48 - e_x (1/sigma in real
+  // units is rinv * 2^(m - 48) / 2^e_x). Rows have their own
   // m, so values are first kept in int64 with a per-row exponent.
   std::vector<std::int64_t> v(static_cast<std::size_t>(R * C));
   std::vector<int> row_exp(static_cast<std::size_t>(R));
@@ -215,7 +217,7 @@ Tensor ln_backward_int(const Tensor& dy_in, const Tensor& gamma, const LayerNorm
         const std::int64_t inner = C * pgr[r * C + c] - A - shift_round_nearest(xh[r * C + c] * B, 16);
         v[static_cast<std::size_t>(r * C + c)] = round_div(inner * rinv, C);
       }
-      row_exp[static_cast<std::size_t>(r)] = g.exponent() + cache.rshift[static_cast<std::size_t>(r)] - 48;
+      row_exp[static_cast<std::size_t>(r)] = g.exponent() + cache.rshift[static_cast<std::size_t>(r)] - 48 - cache.x_exponent;
     }
   }, 16);
   // One exponent for the whole tensor: the smallest that keeps every row
