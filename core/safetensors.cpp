@@ -129,6 +129,7 @@ struct Entry {
 SafeTensorsFile Reader::read() const {
   std::error_code ec;
   const auto st = std::filesystem::status(path_, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory) fail("cannot access: " + ec.message());
   if (!std::filesystem::exists(st)) fail("no such file");
   if (std::filesystem::is_directory(st)) fail("is a directory, not a safetensors file");
 

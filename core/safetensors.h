@@ -19,9 +19,11 @@
 //     the first begins at 0, each begins where the previous ended, and the last
 //     ends at the end of the file.
 //   * the write is atomic: the bytes go to "<path>.tmp.<pid>", which is fsync'ed
-//     and renamed over `path` (then the directory is fsync'ed). On any error the
+//     and renamed over `path` (then the directory is fsync'ed, best effort). On any error the
 //     temporary file is removed and an exception is thrown; an existing file at
-//     `path` is left untouched.
+//     `path` is left untouched. The new file gets mode 0644 (less the umask).
+//     Two threads of one process must not write the same path at once (they
+//     would share the temporary name).
 //
 // What read_safetensors() accepts (anything else throws std::runtime_error whose
 // message names the file and says what is wrong; a corrupt file never makes it

@@ -33,6 +33,11 @@ class GPT {
   // N(0, 0.02/sqrt(2 n_layer)); LayerNorm 1 and 0; biases 0) from a
   // counter-based generator keyed by `seed`.
   GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed);
+  // Layers hold pointers into params_: a move keeps them valid, a copy would not.
+  GPT(GPT&&) noexcept = default;
+  GPT& operator=(GPT&&) noexcept = default;
+  GPT(const GPT&) = delete;
+  GPT& operator=(const GPT&) = delete;
 
   const GPTConfig& config() const { return cfg_; }
   const Precision& precision() const { return prec_; }

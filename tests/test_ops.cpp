@@ -24,12 +24,6 @@ Tensor rand_float(Shape shape, std::uint64_t seed, float scale = 1.0f, float off
   return t;
 }
 
-std::vector<double> values(const Tensor& t) {
-  std::vector<double> v(static_cast<std::size_t>(t.numel()));
-  for (std::int64_t i = 0; i < t.numel(); ++i) v[static_cast<std::size_t>(i)] = t.value(i);
-  return v;
-}
-
 // ||a - b|| / ||b||
 double rel_err(const Tensor& a, const Tensor& b) {
   EXPECT_EQ(a.numel(), b.numel());

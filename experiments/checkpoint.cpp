@@ -1,0 +1,140 @@
+#include "experiments/checkpoint.h"
+
+#include <stdexcept>
+#include <string>
+
+#include "core/ops.h"
+#include "core/quantize.h"
+#include "core/safetensors.h"
+
+namespace intrain {
+
+namespace {
+
+constexpr const char* kVersion = "1";
+
+SafeTensor float_tensor(const Tensor& t) {
+  const std::vector<float> v = dequantize(t);
+  return SafeTensor::from_values<float>(std::vector<std::int64_t>(t.shape().begin(), t.shape().end()), v);
+}
+
+[[noreturn]] void fail(const std::filesystem::path& p, const std::string& what) {
+  throw std::runtime_error(p.string() + ": " + what);
+}
+
+int meta_int(const SafeTensorsFile& f, const std::string& key) {
+  const auto it = f.metadata.find(key);
+  if (it == f.metadata.end()) fail(f.source, "metadata has no '" + key + "'; is this an intrain checkpoint?");
+  try {
+    std::size_t used = 0;
+    const int v = std::stoi(it->second, &used);
+    if (used != it->second.size()) throw std::invalid_argument("trailing characters");
+    return v;
+  } catch (const std::exception&) {
+    fail(f.source, "metadata '" + key + "' = '" + it->second + "' is not an integer");
+  }
+}
+
+}  // namespace
+
+void save_model(const std::filesystem::path& path, const GPT& model, const Metadata& extra) {
+  SafeTensorsFile f;
+  f.metadata = extra;
+  const GPTConfig& c = model.config();
+  f.metadata["n_layer"] = std::to_string(c.n_layer);
+  f.metadata["n_head"] = std::to_string(c.n_head);
+  f.metadata["n_embd"] = std::to_string(c.n_embd);
+  f.metadata["n_ctx"] = std::to_string(c.n_ctx);
+  f.metadata["vocab_size"] = std::to_string(c.vocab_size);
+  f.metadata["format"] = model.precision().name();
+  f.metadata["intrain"] = kVersion;
+  for (const Param& p : model.params()) f.add(p.name, float_tensor(p.value));
+  write_safetensors(path, f);
+}
+
+void save_train_state(const std::filesystem::path& path, const GPT& model, std::uint64_t next_step,
+                      const Metadata& settings) {
+  SafeTensorsFile f;
+  f.metadata = settings;
+  f.metadata["step"] = std::to_string(next_step);
+  f.metadata["intrain"] = kVersion;
+  f.metadata["master_exponent"] = std::to_string(kMasterExponent);
+  for (const Param& p : model.params()) {
+    f.add("master." + p.name, to_safetensor(p.master));
+    if (!p.momentum.empty()) {
+      f.add("momentum." + p.name, to_safetensor(p.momentum));
+      f.metadata["momentum_exponent." + p.name] = std::to_string(p.momentum.exponent());
+    }
+  }
+  write_safetensors(path, f);
+}
+
+GPT load_model(const std::filesystem::path& path, const std::string& format_override, Rounding rounding) {
+  const SafeTensorsFile f = read_safetensors(path);
+  GPTConfig cfg;
+  cfg.n_layer = meta_int(f, "n_layer");
+  cfg.n_head = meta_int(f, "n_head");
+  cfg.n_embd = meta_int(f, "n_embd");
+  cfg.n_ctx = meta_int(f, "n_ctx");
+  cfg.vocab_size = meta_int(f, "vocab_size");
+  try {
+    cfg.validate();
+  } catch (const std::invalid_argument& e) {
+    fail(path, e.what());
+  }
+  std::string fmt = format_override;
+  if (fmt.empty()) {
+    const auto it = f.metadata.find("format");
+    if (it == f.metadata.end()) fail(path, "metadata has no 'format'; pass --format");
+    fmt = it->second;
+    // Names carry the rounding suffix; the rounding flag decides it on load.
+    for (const char* suffix : {"-sr", "-rn"}) {
+      if (fmt.size() > 3 && fmt.compare(fmt.size() - 3, 3, suffix) == 0) fmt.resize(fmt.size() - 3);
+    }
+  }
+  GPT model(cfg, Precision::parse(fmt, rounding), 0);
+  for (Param& p : model.params()) {
+    const SafeTensor& st = f.at(p.name);
+    if (st.shape != std::vector<std::int64_t>(p.master.shape().begin(), p.master.shape().end())) {
+      fail(path, "tensor '" + p.name + "' has shape " + shape_str(Shape(st.shape.begin(), st.shape.end())) +
+                     ", the configuration needs " + shape_str(p.master.shape()));
+    }
+    if (st.dtype != "F32") fail(path, "tensor '" + p.name + "' is " + st.dtype + ", expected F32");
+    const Tensor v = from_safetensor(st, Format::fp32());
+    const std::vector<float> vals(v.data<float>(), v.data<float>() + v.numel());
+    if (model.precision().is_float()) {
+      p.master = v;
+      p.value = v;
+    } else {
+      // The file holds the values the forward used: exactly representable.
+      const bool operand = p.kind == ParamKind::MatmulWeight || p.kind == ParamKind::Embedding;
+      p.value = quantize(vals, p.master.shape(), operand ? model.precision().w : residual_format());
+      p.master = quantize_at(vals, p.master.shape(), Format::wide(31), kMasterExponent);
+    }
+  }
+  return model;
+}
+
+Metadata load_train_state(const std::filesystem::path& path, GPT& model) {
+  const SafeTensorsFile f = read_safetensors(path);
+  for (Param& p : model.params()) {
+    p.master = from_safetensor(f.at("master." + p.name), p.master.format(), p.master.exponent());
+    if (const SafeTensor* m = f.find("momentum." + p.name)) {
+      const Format mf = model.precision().is_float() ? Format::fp32() : Format::wide(31);
+      int e = 0;
+      if (!model.precision().is_float()) {
+        const auto it = f.metadata.find("momentum_exponent." + p.name);
+        if (it == f.metadata.end()) fail(path, "metadata has no momentum exponent for '" + p.name + "'");
+        e = std::stoi(it->second);
+      }
+      p.momentum = from_safetensor(*m, mf, e);
+      p.momentum.reshape(p.master.shape());
+    } else {
+      p.momentum = Tensor();
+    }
+    p.master.reshape(p.master.shape());
+  }
+  return f.metadata;
+}
+
+}  // namespace intrain

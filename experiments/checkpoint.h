@@ -1,0 +1,50 @@
+// Checkpoints: the model file and the training state, both safetensors.
+//
+// model.safetensors
+//   Hugging Face GPT-2 names and layouts ("wte.weight", "h.0.attn.c_attn.weight"
+//   [d, 3d], ...), float32 values of the weights the forward pass uses: the
+//   parameter values (exactly representable in float32: at most 24 significant
+//   bits). __metadata__: n_layer, n_head, n_embd, n_ctx, vocab_size, format,
+//   rounding, step, and "intrain": the format version.
+//
+// train_state.safetensors (everything needed to continue bit-identically)
+//   "master.<name>"   the optimizer's master copy (F32, or I32 mantissas at
+//                     exponent kMasterExponent);
+//   "momentum.<name>" the momentum buffer (F32, or I32 mantissas; exponent in
+//                     metadata "momentum_exponent.<name>"), absent before the
+//                     first update;
+//   __metadata__: step (the next step to run), seed, and the run's settings,
+//   so --resume can refuse a run whose configuration differs.
+// Random numbers and batches are pure functions of (seed, step), so the step
+// is the whole RNG and data position.
+//
+// Both files are written atomically (temporary file, then rename).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <string>
+
+#include "layers/gpt.h"
+
+namespace intrain {
+
+using Metadata = std::map<std::string, std::string>;
+
+void save_model(const std::filesystem::path& path, const GPT& model, const Metadata& extra);
+void save_train_state(const std::filesystem::path& path, const GPT& model, std::uint64_t next_step,
+                      const Metadata& settings);
+
+// Reads model.safetensors: its configuration and format (from metadata, or
+// `format_override` if non-empty) and a model whose values are the file's
+// weights (cast to the format). Throws std::runtime_error naming the file and
+// what is wrong: a missing tensor, a shape that does not match the metadata,
+// metadata missing or malformed.
+GPT load_model(const std::filesystem::path& path, const std::string& format_override, Rounding rounding);
+
+// Restores masters and momentum into `model` from train_state.safetensors and
+// returns its metadata. The caller checks the settings and refreshes values.
+Metadata load_train_state(const std::filesystem::path& path, GPT& model);
+
+}  // namespace intrain

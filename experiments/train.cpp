@@ -1,0 +1,248 @@
+#include "experiments/train.h"
+
+#include <omp.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "experiments/build_info.h"
+#include "experiments/checkpoint.h"
+#include "experiments/corpus.h"
+#include "layers/gpt.h"
+#include "optim/sgd.h"
+
+namespace intrain {
+
+namespace fs = std::filesystem;
+
+double peak_rss_mib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;  // kB
+  }
+  return 0.0;
+}
+
+const char* build_commit() { return INTRAIN_BUILD_COMMIT; }
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// The settings a resumed run must share with the run it continues.
+Metadata run_settings(const TrainOptions& o, const Precision& prec, const std::string& corpus) {
+  return {{"layers", std::to_string(o.layers)},   {"d_model", std::to_string(o.d_model)},
+          {"heads", std::to_string(o.heads)},     {"context", std::to_string(o.context)},
+          {"batch", std::to_string(o.batch)},     {"steps", std::to_string(o.steps)},
+          {"warmup", std::to_string(o.warmup)},   {"lr", std::to_string(o.lr)},
+          {"momentum", std::to_string(o.momentum)}, {"weight_decay", std::to_string(o.weight_decay)},
+          {"format", prec.name()},                {"seed", std::to_string(o.seed)},
+          {"data", corpus}};
+}
+
+// Mean loss over consecutive validation windows (all of them if max_windows <= 0).
+double validation_loss(GPT& model, const Corpus& corpus, int B, int T, long max_windows, std::uint64_t seed,
+                       std::int64_t* tokens = nullptr) {
+  ValWindows windows(corpus.val, T, max_windows);
+  std::vector<std::int32_t> x(static_cast<std::size_t>(B) * T), y(x.size());
+  double sum = 0.0;
+  std::int64_t n = 0, batch_index = 0;
+  while (int got = windows.next(B, x.data(), y.data())) {
+    // Evaluation rounds on its own streams, far from any training step.
+    const double l = model.forward(x.data(), y.data(), got, T, (std::uint64_t{1} << 40) + batch_index++, seed, false);
+    sum += l * got * T;
+    n += static_cast<std::int64_t>(got) * T;
+  }
+  if (tokens) *tokens = n;
+  return n ? sum / static_cast<double>(n) : 0.0;
+}
+
+std::string fmt_eta(double s) {
+  char buf[32];
+  if (s >= 3600) {
+    std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s / 3600), static_cast<int>(s / 60) % 60);
+  } else {
+    std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s / 60), static_cast<int>(s) % 60);
+  }
+  return buf;
+}
+
+// Keeps the header and the rows of steps < `keep_below` (resume after a kill).
+void truncate_metrics(const fs::path& p, long keep_below) {
+  std::ifstream in(p);
+  std::vector<std::string> lines;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (lines.empty() || (!line.empty() && std::stol(line.substr(0, line.find(','))) < keep_below)) lines.push_back(line);
+  }
+  in.close();
+  const fs::path tmp = p.string() + ".tmp";
+  {
+    std::ofstream out(tmp);
+    for (const auto& l : lines) out << l << '\n';
+  }
+  fs::rename(tmp, p);
+}
+
+void write_json_atomically(const fs::path& p, const nlohmann::json& j) {
+  const fs::path tmp = p.string() + ".tmp";
+  {
+    std::ofstream out(tmp);
+    out << j.dump(2) << '\n';
+    if (!out) throw std::runtime_error(tmp.string() + ": cannot write");
+  }
+  fs::rename(tmp, p);
+}
+
+}  // namespace
+
+TrainResult run_train(const TrainOptions& o) {
+  const auto t_start = Clock::now();
+  if (o.threads > 0) omp_set_num_threads(o.threads);
+  if (o.steps < 1) throw std::invalid_argument("--steps must be at least 1");
+  if (o.batch < 1) throw std::invalid_argument("--batch must be at least 1");
+  if (!(o.lr > 0.0)) throw std::invalid_argument("--lr must be positive");
+  const Precision prec = Precision::parse(o.format, parse_rounding(o.rounding));
+  GPTConfig cfg{o.layers, o.heads, o.d_model, o.context, kVocabSize};
+  cfg.validate();
+
+  const Corpus corpus = Corpus::load(o.data, o.context + 1);
+  const Metadata settings = run_settings(o, prec, corpus.name);
+
+  fs::create_directories(o.out);
+  const fs::path metrics_path = o.out / "metrics.csv", state_path = o.out / "train_state.safetensors";
+  const fs::path model_path = o.out / "model.safetensors", summary_path = o.out / "summary.json";
+
+  GPT model(cfg, prec, o.seed);
+  long start = 0;
+  if (o.resume) {
+    if (!fs::exists(state_path)) {
+      throw std::runtime_error(state_path.string() + " does not exist: there is nothing to resume; run without --resume");
+    }
+    const Metadata saved = load_train_state(state_path, model);
+    for (const auto& [k, v] : settings) {
+      const auto it = saved.find(k);
+      if (it == saved.end() || it->second != v) {
+        throw std::runtime_error("--resume: " + state_path.string() + " was written with " + k + " = " +
+                                 (it == saved.end() ? "(none)" : it->second) + ", this run has " + k + " = " + v +
+                                 "; use the same flags or another --out");
+      }
+    }
+    start = std::stol(saved.at("step"));
+    model.refresh_values(static_cast<std::uint64_t>(start), o.seed);
+    if (fs::exists(metrics_path)) truncate_metrics(metrics_path, start);
+  } else if (fs::exists(metrics_path) || fs::exists(state_path)) {
+    throw std::runtime_error(o.out.string() + " already holds a run: pass --resume to continue it, or choose another --out");
+  }
+  std::ofstream metrics(metrics_path, std::ios::app);
+  if (start == 0) metrics << "step,train_loss,val_loss,lr,tokens_per_s,saturated_fraction\n";
+
+  Sgd opt(SgdConfig{o.momentum, o.weight_decay});
+  const LrSchedule sched{o.lr, o.warmup, o.steps, o.final_lr_fraction};
+  const int B = o.batch, T = o.context;
+  std::vector<std::int32_t> x(static_cast<std::size_t>(B) * T), y(x.size());
+  std::vector<double> step_times;
+  const bool tty = isatty(STDERR_FILENO) && !o.quiet;
+  double last_train = 0.0, last_val = NAN;
+  std::vector<double> recent;
+  const std::int64_t nparams = model.num_parameters();
+
+  auto checkpoint = [&](long next_step) {
+    metrics.flush();
+    save_train_state(state_path, model, static_cast<std::uint64_t>(next_step), settings);
+    save_model(model_path, model, {{"step", std::to_string(next_step)}, {"commit", build_commit()}});
+  };
+
+  for (long step = start; step < o.steps; ++step) {
+    const auto t0 = Clock::now();
+    sample_batch(corpus.train, o.seed, static_cast<std::uint64_t>(step), B, T, x.data(), y.data());
+    const double loss = model.forward(x.data(), y.data(), B, T, static_cast<std::uint64_t>(step), o.seed, true);
+    if (!std::isfinite(loss)) {
+      checkpoint(step);
+      throw std::runtime_error("training diverged at step " + std::to_string(step) + " (loss " + std::to_string(loss) +
+                               "); lower --lr. The state before this step is saved in " + o.out.string());
+    }
+    model.backward();
+    const double lr = sched.at(step);
+    const std::int64_t sat_fb = model.saturated(), cast_fb = model.elements_cast();
+    const std::int64_t sat_opt = opt.step(model.params(), prec.g, lr, static_cast<std::uint64_t>(step), o.seed);
+    model.refresh_values(static_cast<std::uint64_t>(step + 1), o.seed);
+    const double dt = seconds_since(t0);
+    step_times.push_back(dt);
+    last_train = loss;
+    recent.push_back(loss);
+    if (recent.size() > 50) recent.erase(recent.begin());
+
+    const bool last = step + 1 == o.steps;
+    std::string val_field;
+    if (o.eval_every > 0 && ((step + 1) % o.eval_every == 0) && !last) {
+      last_val = validation_loss(model, corpus, B, T, o.eval_windows, o.seed);
+      val_field = std::to_string(last_val);
+    }
+    if (last) {
+      last_val = validation_loss(model, corpus, B, T, 0, o.seed);  // the whole validation split
+      val_field = std::to_string(last_val);
+    }
+    const double tps = static_cast<double>(B) * T / dt;
+    const double sat_frac = static_cast<double>(sat_fb + sat_opt) / static_cast<double>(cast_fb + nparams);
+    metrics << step << ',' << loss << ',' << val_field << ',' << lr << ',' << tps << ',' << sat_frac << '\n';
+
+    if (!o.quiet) {
+      const double avg = std::accumulate(step_times.end() - std::min<long>(20, static_cast<long>(step_times.size())),
+                                         step_times.end(), 0.0) /
+                         std::min<double>(20, static_cast<double>(step_times.size()));
+      const double eta = avg * static_cast<double>(o.steps - step - 1);
+      if (tty) {
+        std::fprintf(stderr, "\rstep %ld/%ld  loss %.4f  val %.4f  %.0f tok/s  ETA %s   ", step + 1, o.steps, loss,
+                     last_val, static_cast<double>(B) * T / avg, fmt_eta(eta).c_str());
+      } else if ((step + 1) % 50 == 0 || last || step == start) {
+        std::fprintf(stderr, "step %ld/%ld  loss %.4f  val %.4f  %.0f tok/s  ETA %s\n", step + 1, o.steps, loss,
+                     last_val, static_cast<double>(B) * T / avg, fmt_eta(eta).c_str());
+      }
+    }
+    if ((o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0) || last) checkpoint(step + 1);
+  }
+  if (tty) std::fprintf(stderr, "\n");
+
+  std::vector<double> sorted = step_times;
+  std::sort(sorted.begin(), sorted.end());
+  const double median_dt = sorted.empty() ? 0.0 : sorted[sorted.size() / 2];
+  TrainResult r;
+  r.final_train_loss = last_train;
+  r.final_val_loss = last_val;
+  r.tokens_per_s = median_dt > 0 ? static_cast<double>(B) * T / median_dt : 0.0;
+  r.wall_s = seconds_since(t_start);
+  nlohmann::json j;
+  j["format"] = prec.name();
+  j["steps"] = o.steps;
+  j["final_train_loss"] = r.final_train_loss;
+  j["final_train_loss_mean50"] = recent.empty() ? 0.0 : std::accumulate(recent.begin(), recent.end(), 0.0) / recent.size();
+  j["final_val_loss"] = r.final_val_loss;
+  j["tokens_per_s"] = r.tokens_per_s;
+  j["peak_rss_mib"] = peak_rss_mib();
+  j["wall_s"] = r.wall_s;
+  j["parameters"] = nparams;
+  j["commit"] = build_commit();
+  j["threads"] = omp_get_max_threads();
+  j["config"] = {{"layers", o.layers},     {"d_model", o.d_model},   {"heads", o.heads},
+                 {"context", o.context},   {"batch", o.batch},       {"lr", o.lr},
+                 {"warmup", o.warmup},     {"momentum", o.momentum}, {"weight_decay", o.weight_decay},
+                 {"rounding", o.rounding}, {"seed", o.seed},         {"data", corpus.name},
+                 {"resumed_from_step", start}};
+  write_json_atomically(summary_path, j);
+  return r;
+}
+
+}  // namespace intrain

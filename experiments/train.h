@@ -1,0 +1,40 @@
+// `intrain train`: trains a GPT on a byte-level corpus and writes, in --out,
+// metrics.csv, summary.json, model.safetensors and train_state.safetensors.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+
+namespace intrain {
+
+struct TrainOptions {
+  int layers = 4, d_model = 128, heads = 4, context = 128, batch = 16;
+  long steps = 2000, warmup = 100;
+  double lr = 0.1, momentum = 0.9, weight_decay = 0.0, final_lr_fraction = 0.1;
+  std::string format = "int8";
+  std::string rounding = "stochastic";
+  std::uint64_t seed = 1;
+  std::optional<std::filesystem::path> data;
+  std::filesystem::path out = "runs/train";
+  bool resume = false;
+  int threads = 0;
+  long eval_every = 100;      // validation loss every N steps (and at the end)
+  long eval_windows = 64;     // validation windows per evaluation (0: the whole split)
+  long checkpoint_every = 500;
+  bool quiet = false;         // no live progress line
+};
+
+struct TrainResult {
+  double final_train_loss = 0.0, final_val_loss = 0.0, tokens_per_s = 0.0, wall_s = 0.0;
+};
+
+TrainResult run_train(const TrainOptions& opt);
+
+// Peak resident set size of this process (VmHWM), in MiB.
+double peak_rss_mib();
+// The commit the binary was built from ("unknown" outside a git checkout).
+const char* build_commit();
+
+}  // namespace intrain
