@@ -342,8 +342,8 @@ INTRAIN_CLONES void combine32(const TermRows& t, std::int32_t* C, std::int64_t n
 }
 
 Tensor matmul_float(const Tensor& A, const Tensor& B, Trans ta, Trans tb, const MatmulDims& d) {
-  Tensor C(result_shape(A, d), Format::fp32());
-  if (d.K == 0) return C;
+  if (d.K == 0) return Tensor(result_shape(A, d), Format::fp32());
+  Tensor C = Tensor::uninitialized(result_shape(A, d), Format::fp32());
   GemmDesc g;
   g.batch = d.batch;
   g.M = d.M;
@@ -358,8 +358,8 @@ Tensor matmul_float(const Tensor& A, const Tensor& B, Trans ta, Trans tb, const 
 
 Tensor matmul_integer(const Tensor& A, const Tensor& B, Trans ta, Trans tb, const MatmulDims& d) {
   const Format rf = matmul_result_format(A.format(), B.format(), d.K);
-  Tensor C(result_shape(A, d), rf, A.exponent() + B.exponent());
-  if (d.K == 0 || d.M == 0 || d.N == 0 || d.batch == 0) return C;
+  if (d.K == 0 || d.M == 0 || d.N == 0 || d.batch == 0) return Tensor(result_shape(A, d), rf, A.exponent() + B.exponent());
+  Tensor C = Tensor::uninitialized(result_shape(A, d), rf, A.exponent() + B.exponent());
 
   // Workspace: the split pieces, then one int32 result per term.
   const std::int64_t MN = d.batch * d.M * d.N;

@@ -19,8 +19,12 @@ void check(bool ok, const std::string& what) {
 // Mantissa i of an integer tensor as int64.
 template <class F> void for_int(const Tensor& t, F&& f) { visit_int(t, std::forward<F>(f)); }
 
-// An empty acc64 tensor of the given shape and exponent.
-Tensor acc64(Shape shape, int exponent) { return Tensor(std::move(shape), Format::accumulator(64), exponent); }
+// An acc64 tensor of the given shape and exponent; zero-filled only when the
+// caller accumulates into it.
+Tensor acc64(Shape shape, int exponent, bool zero = false) {
+  return zero ? Tensor(std::move(shape), Format::accumulator(64), exponent)
+              : Tensor::uninitialized(std::move(shape), Format::accumulator(64), exponent);
+}
 
 }  // namespace
 
@@ -88,7 +92,7 @@ Tensor sum_rows(const Tensor& dy) {
     }, 64);
     return out;
   }
-  Tensor out = acc64({N}, dy.exponent());
+  Tensor out = acc64({N}, dy.exponent(), true);
   std::int64_t* o = out.data<std::int64_t>();
   for_int(dy, [&](const auto* p) {
     for_chunks(N, [&](std::int64_t, std::int64_t n0, std::int64_t n1) {
@@ -194,8 +198,8 @@ void embedding_backward(const std::int32_t* tokens, std::int64_t B, std::int64_t
       }
     return;
   }
-  dwte = acc64({vocab, C}, dh.exponent());
-  dwpe = acc64({n_ctx, C}, dh.exponent());
+  dwte = acc64({vocab, C}, dh.exponent(), true);
+  dwpe = acc64({n_ctx, C}, dh.exponent(), true);
   std::int64_t *te = dwte.data<std::int64_t>(), *pe = dwpe.data<std::int64_t>();
   for_int(dh, [&](const auto* g) {
     for (std::int64_t i = 0; i < B * T; ++i)

@@ -77,7 +77,7 @@ Tensor gelu_forward_int(const Tensor& z, const Format& out, RngKey key) {
   // Output in Q16; for z >= 8 the output is z itself, which may need more
   // range: keep the output at exponent min(-16, e_z).
   const int eo = std::min(-kFrac, z.exponent());
-  Tensor acc(z.shape(), Format::accumulator(64), eo);
+  Tensor acc = Tensor::uninitialized(z.shape(), Format::accumulator(64), eo);
   std::int64_t* o = acc.data<std::int64_t>();
   visit_int(z, [&](const auto* pz) {
     for_chunks(z.numel(), [&](std::int64_t, std::int64_t i0, std::int64_t i1) {
@@ -100,7 +100,7 @@ Tensor gelu_forward_int(const Tensor& z, const Format& out, RngKey key) {
 Tensor gelu_backward_int(const Tensor& dy_in, const Tensor& z, const Format& out, RngKey key) {
   const Tables& tb = tables();
   const Tensor dy = cast(dy_in, residual_format(), key.derive(1));  // |dy| < 2^23
-  Tensor acc(z.shape(), Format::accumulator(64), dy.exponent() - kFrac);
+  Tensor acc = Tensor::uninitialized(z.shape(), Format::accumulator(64), dy.exponent() - kFrac);
   std::int64_t* o = acc.data<std::int64_t>();
   const std::int32_t* pdy = dy.data<std::int32_t>();
   visit_int(z, [&](const auto* pz) {

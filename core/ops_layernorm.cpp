@@ -141,7 +141,7 @@ Tensor ln_forward_int(const Tensor& x, const Tensor& gamma, const Tensor& beta, 
   const std::int64_t eps_c = eps_shift >= 40 ? (std::int64_t{1} << 40) * C
                              : eps_shift >= 0 ? C << eps_shift
                                               : shift_round_nearest(C, -eps_shift);
-  cache.xhat = Tensor(x.shape(), Format::accumulator(32), -16);
+  cache.xhat = Tensor::uninitialized(x.shape(), Format::accumulator(32), -16);
   cache.rinv.assign(static_cast<std::size_t>(R), 0);
   cache.rshift.assign(static_cast<std::size_t>(R), 0);
   cache.x_exponent = e;
@@ -175,7 +175,7 @@ Tensor ln_forward_int(const Tensor& x, const Tensor& gamma, const Tensor& beta, 
   const int eo = common_exponent(max_prod, ep, max_abs_mantissa(beta), beta.exponent());
   std::vector<std::int64_t> bias(static_cast<std::size_t>(C));
   for (std::int64_t c = 0; c < C; ++c) bias[static_cast<std::size_t>(c)] = shift_to(b[c], beta.exponent(), eo);
-  Tensor acc(x.shape(), Format::accumulator(64), eo);
+  Tensor acc = Tensor::uninitialized(x.shape(), Format::accumulator(64), eo);
   std::int64_t* pa = acc.data<std::int64_t>();
   for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r)
@@ -192,7 +192,7 @@ Tensor ln_backward_int(const Tensor& dy_in, const Tensor& gamma, const LayerNorm
   const Tensor dy = cast(dy_in, residual_format(), key.derive(1));
   const std::int32_t *pdy = dy.data<std::int32_t>(), *gm = gamma.data<std::int32_t>();
   const std::int32_t* xh = cache.xhat.data<std::int32_t>();
-  Tensor gfull({R, C}, Format::accumulator(64), dy.exponent() + gamma.exponent());
+  Tensor gfull = Tensor::uninitialized({R, C}, Format::accumulator(64), dy.exponent() + gamma.exponent());
   std::int64_t* pg = gfull.data<std::int64_t>();
   for (std::int64_t i = 0; i < R * C; ++i) pg[i] = static_cast<std::int64_t>(pdy[i]) * gm[i % C];
   const Tensor g = cast(gfull, residual_format(), key.derive(2));
@@ -231,7 +231,7 @@ Tensor ln_backward_int(const Tensor& dy_in, const Tensor& gamma, const LayerNorm
     }
     eo = std::max(eo, row_exp[static_cast<std::size_t>(r)] + bit_length(mx) - 23);
   }
-  Tensor dx(dy_in.shape(), residual_format(), eo);
+  Tensor dx = Tensor::uninitialized(dy_in.shape(), residual_format(), eo);
   std::int32_t* pdx = dx.data<std::int32_t>();
   const RngKey k3 = key.derive(3);
   for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {

@@ -165,7 +165,7 @@ Tensor causal_softmax_backward(const Tensor& dP, const Tensor& P, double scale, 
   }
   // dP * c rounded to 24 bits: c = 1/sqrt(d_head) as a Q20 multiplier.
   const std::int64_t c_q20 = std::llround(std::ldexp(scale, 20));
-  Tensor dps(P.shape(), Format::accumulator(64), dP.exponent() - 20);
+  Tensor dps = Tensor::uninitialized(P.shape(), Format::accumulator(64), dP.exponent() - 20);
   std::int64_t* pd = dps.data<std::int64_t>();
   visit_int(dP, [&](const auto* g) {
     for_chunks(dP.numel(), [&](std::int64_t, std::int64_t i0, std::int64_t i1) {
@@ -265,7 +265,7 @@ CrossEntropy cross_entropy(const Tensor& logits, const std::int32_t* targets, co
   // product below 2^61.
   const int k = 30 + bit_length(static_cast<std::uint64_t>(R));
   const std::int64_t inv_r = std::llround(std::ldexp(1.0, k) / static_cast<double>(R));
-  Tensor acc(logits.shape(), Format::accumulator(64), -30 - k);
+  Tensor acc = Tensor::uninitialized(logits.shape(), Format::accumulator(64), -30 - k);
   std::int64_t* o = acc.data<std::int64_t>();
   visit_int(logits, [&](const auto* l) {
     for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {

@@ -194,7 +194,7 @@ void quantize_grouped_into(std::span<const float> x, Tensor& t, RngKey key) {
 
 Tensor quantize(std::span<const float> x, const Shape& shape, const Format& f, RngKey key) {
   check_size(x, shape, "quantize");
-  Tensor t(shape, f);
+  Tensor t = Tensor::uninitialized(shape, f);
   switch (f.scaling()) {
     case Scaling::Float: std::copy(x.begin(), x.end(), t.data<float>()); break;
     case Scaling::Grouped:
@@ -216,7 +216,7 @@ Tensor quantize_at(std::span<const float> x, const Shape& shape, const Format& f
     throw std::invalid_argument("quantize_at: " + f.name() + " is not a fixed-point format of at most 31 bits");
   }
   max_abs(x);  // finiteness check
-  Tensor t(shape, f, exponent);
+  Tensor t = Tensor::uninitialized(shape, f, exponent);
   t.set_saturated(quantize_fixed_into(x, t, key));
   return t;
 }
@@ -431,7 +431,7 @@ Tensor requantize_at(const Tensor& acc, const Format& f, int exponent, RngKey ke
   if (f.scaling() != Scaling::SharedExponent || f.bits() > 32) {
     throw std::invalid_argument("requantize: target " + f.name() + " is not a fixed-point format of <= 32 bits");
   }
-  Tensor out(acc.shape(), f, exponent);
+  Tensor out = Tensor::uninitialized(acc.shape(), f, exponent);
   const int shift = exponent - acc.exponent();
   const std::int64_t lo = f.qmin(), hi = f.qmax();
   const std::int64_t clipped = visit_int(acc, [&](const auto* in) {

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <malloc.h>
 #include <cstring>
 #include <new>
 #include <stdexcept>
@@ -42,7 +43,30 @@ Tensor::Tensor(Shape shape, Format format, int exponent)
   allocate();
 }
 
-void Tensor::allocate() {
+// Large tensors are made and freed at every op. glibc serves big blocks with
+// mmap and returns them at free, so every new tensor would page-fault its
+// memory back in. Raising the mmap and trim thresholds keeps freed blocks in
+// the heap for reuse.
+namespace {
+const bool kHeapTuned = [] {
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  return true;
+}();
+}  // namespace
+
+Tensor Tensor::uninitialized(Shape shape, Format format, int exponent) {
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.numel_ = checked_numel(t.shape_);
+  t.format_ = format;
+  t.exponent_ = exponent;
+  if (format.scaling() == Scaling::Grouped) return Tensor(t.shape_, format, exponent);
+  t.allocate(false);
+  return t;
+}
+
+void Tensor::allocate(bool zero) {
   const std::size_t bytes = nbytes();
   if (bytes == 0) {
     buf_.reset();
@@ -51,14 +75,14 @@ void Tensor::allocate() {
   const std::size_t rounded = (bytes + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, rounded);
   if (!p) throw std::bad_alloc();
-  std::memset(p, 0, rounded);
+  if (zero) std::memset(p, 0, rounded);
   buf_.reset(static_cast<std::byte*>(p));
 }
 
 Tensor::Tensor(const Tensor& o)
     : shape_(o.shape_), numel_(o.numel_), format_(o.format_), exponent_(o.exponent_), saturated_(o.saturated_),
       scales_(o.scales_), zeros_(o.zeros_) {
-  allocate();
+  allocate(false);
   if (nbytes()) std::memcpy(buf_.get(), o.buf_.get(), nbytes());
 }
 

@@ -39,6 +39,9 @@ class Tensor {
   Tensor() = default;
   // Zero-filled tensor of the given shape and format.
   Tensor(Shape shape, Format format, int exponent = 0);
+  // A tensor whose elements the caller overwrites before reading: no zero
+  // fill (a memory-bound pass saved on every op output).
+  static Tensor uninitialized(Shape shape, Format format, int exponent = 0);
 
   Tensor(const Tensor& other);
   Tensor& operator=(const Tensor& other);
@@ -93,7 +96,7 @@ class Tensor {
   struct AlignedFree {
     void operator()(std::byte* p) const;
   };
-  void allocate();
+  void allocate(bool zero = true);
 
   Shape shape_;
   std::int64_t numel_ = 0;
