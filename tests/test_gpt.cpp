@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -64,6 +65,47 @@ TEST(GptTraining, TinyModelLossFallsInt8) {
 TEST(GptTraining, TinyModelLossFallsInt16) {
   const auto l = train_tiny("int16", 150);
   EXPECT_LT(l.back(), 2.5) << "int16 loss did not fall";
+}
+
+// The whole fp32 model against central differences of its loss, parameter by
+// parameter (a few elements of every kind: embeddings, attention, MLP,
+// LayerNorm, biases). Step 1e-3 on a loss of ~5.5 in float: rounding error
+// ~ 6e-8 * 5.5 / 1e-3 ~ 3e-4 absolute, so elements whose gradient is below
+// 3e-3 are compared with an absolute tolerance, the rest relatively (5%).
+TEST(GptGradient, Fp32MatchesFiniteDifferences) {
+  GPTConfig cfg{2, 2, 16, 8, 256};
+  GPT model(cfg, Precision::parse("fp32"), 3);
+  const Batch b = periodic_batch(2, 8, 0);
+  auto loss = [&] { return model.forward(b.x.data(), b.y.data(), 2, 8, 0, 3, false); };
+  model.forward(b.x.data(), b.y.data(), 2, 8, 0, 3, true);
+  model.backward();
+  int checked = 0;
+  for (Param& p : model.params()) {
+    ASSERT_TRUE(p.has_grad) << p.name;
+    const std::int64_t n = p.master.numel();
+    for (std::int64_t i : {std::int64_t{0}, n / 3, n - 1}) {
+      if (p.name == "wte.weight") i = b.x[0] * cfg.n_embd + i % cfg.n_embd;  // a row that is used
+      float* w = p.master.data<float>();
+      const float orig = w[i];
+      const float h = 1e-3f;
+      w[i] = orig + h;
+      model.refresh_values(0, 3);
+      const double lp = loss();
+      w[i] = orig - h;
+      model.refresh_values(0, 3);
+      const double lm = loss();
+      w[i] = orig;
+      model.refresh_values(0, 3);
+      const double fd = (lp - lm) / (2.0 * h), an = p.grad.data<float>()[i];
+      if (std::abs(an) < 3e-3) {
+        EXPECT_NEAR(fd, an, 1e-3) << p.name << "[" << i << "]";
+      } else {
+        EXPECT_NEAR(fd / an, 1.0, 0.05) << p.name << "[" << i << "] fd " << fd << " analytic " << an;
+      }
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 60);
 }
 
 }  // namespace

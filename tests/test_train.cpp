@@ -1,0 +1,226 @@
+// The training driver: checkpoints, bit-identical determinism across thread
+// counts, resume after a kill, and clear errors for bad input.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cstdio>
+#include <csignal>
+#include <cstdlib>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "core/safetensors.h"
+#include "experiments/checkpoint.h"
+#include "experiments/evaluate.h"
+#include "experiments/train.h"
+
+namespace intrain {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A small corpus file: deterministic, text, large enough for both splits.
+fs::path tiny_corpus() {
+  const fs::path p = fs::temp_directory_path() / "intrain_test_corpus.txt";
+  if (!fs::exists(p)) {
+    std::ofstream f(p);
+    for (int i = 0; i < 400; ++i) f << "In the beginning was the word " << i % 17 << ", and the word was with " << (i * 7) % 13 << ".\n";
+  }
+  return p;
+}
+
+fs::path fresh_dir(const std::string& name) {
+  const fs::path d = fs::temp_directory_path() / ("intrain_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  return d;
+}
+
+TrainOptions tiny_run(const fs::path& out, const std::string& format, long steps) {
+  TrainOptions o;
+  o.layers = 2;
+  o.d_model = 32;
+  o.heads = 2;
+  o.context = 16;
+  o.batch = 4;
+  o.steps = steps;
+  o.warmup = 2;
+  o.lr = 0.1;
+  o.format = format;
+  o.data = tiny_corpus();
+  o.out = out;
+  o.eval_every = 0;
+  o.eval_windows = 4;
+  o.checkpoint_every = 0;
+  o.quiet = true;
+  return o;
+}
+
+std::string file_bytes(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+TEST(TrainCheckpoint, ModelRoundTripsThroughSafetensors) {
+  const fs::path out = fresh_dir("roundtrip");
+  run_train(tiny_run(out, "int8", 3));
+  const SafeTensorsFile f = read_safetensors(out / "model.safetensors");
+  EXPECT_EQ(f.metadata.at("n_layer"), "2");
+  EXPECT_EQ(f.metadata.at("n_embd"), "32");
+  EXPECT_EQ(f.metadata.at("format"), "w8a8e8g8-sr");
+  EXPECT_EQ(f.at("h.1.attn.c_attn.weight").shape, (std::vector<std::int64_t>{32, 96}));
+  EXPECT_EQ(f.at("h.0.mlp.c_proj.weight").shape, (std::vector<std::int64_t>{128, 32}));
+  EXPECT_EQ(f.at("wpe.weight").shape, (std::vector<std::int64_t>{16, 32}));
+  // Loading and saving again gives the same bytes of every tensor.
+  const GPT m = load_model(out / "model.safetensors", "", Rounding::Stochastic);
+  save_model(out / "again.safetensors", m, {});
+  const SafeTensorsFile g = read_safetensors(out / "again.safetensors");
+  for (const auto& [name, t] : f.tensors) EXPECT_EQ(g.at(name).data, t.data) << name;
+  fs::remove_all(out);
+}
+
+// Integer training is exact arithmetic keyed by (seed, step, tensor, index):
+// the checkpoint cannot depend on the number of threads.
+TEST(TrainDeterminism, Int8CheckpointIdenticalWith1And2Threads) {
+  const int saved = omp_get_max_threads();
+  const fs::path a = fresh_dir("threads1"), b = fresh_dir("threads2");
+  TrainOptions o1 = tiny_run(a, "int8", 3), o2 = tiny_run(b, "int8", 3);
+  // Big enough that every elementwise pass spans several fixed chunks
+  // (16 x 64 rows x 4*64 = 262,144 MLP elements = 16 chunks) and oneDNN splits
+  // its products across both threads.
+  for (TrainOptions* o : {&o1, &o2}) {
+    o->batch = 16;
+    o->context = 64;
+    o->d_model = 64;
+  }
+  o1.threads = 1;
+  o2.threads = 2;
+  run_train(o1);
+  run_train(o2);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(file_bytes(a / "model.safetensors"), file_bytes(b / "model.safetensors"));
+  EXPECT_EQ(file_bytes(a / "train_state.safetensors"), file_bytes(b / "train_state.safetensors"));
+  fs::remove_all(a);
+  fs::remove_all(b);
+}
+
+// The CLI, run as a child process with its output captured.
+int run_cli(const std::string& args, std::string* output) {
+  const std::string cmd = std::string(INTRAIN_BINARY_DIR) + "/intrain " + args + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[512];
+  while (p && std::fgets(buf, sizeof buf, p)) out += buf;
+  const int status = p ? ::pclose(p) : -1;
+  if (output) *output = out;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+std::string tiny_flags(const fs::path& out, const std::string& fmt, long steps) {
+  return "train --layers 2 --d-model 32 --heads 2 --context 16 --batch 4 --warmup 2 --lr 0.1 --eval-every 0 "
+         "--eval-windows 4 --quiet --format " + fmt + " --steps " + std::to_string(steps) + " --data " +
+         tiny_corpus().string() + " --out " + out.string();
+}
+
+// A run killed with SIGKILL after a checkpoint, then resumed, must equal an
+// uninterrupted run bit for bit: same batches, same rounding streams, same
+// optimizer state, and each step once in metrics.csv.
+TEST(TrainResume, KilledAndResumedEqualsUninterrupted) {
+  const long steps = 120;
+  const fs::path full = fresh_dir("full"), part = fresh_dir("part");
+  ASSERT_EQ(run_cli(tiny_flags(full, "int8", steps), nullptr), 0);
+  // Start the same run with frequent checkpoints, kill it once one exists.
+  const std::string cmd = std::string(INTRAIN_BINARY_DIR) + "/intrain " + tiny_flags(part, "int8", steps) +
+                          " --checkpoint-every 7 > /dev/null 2>&1 & echo $!";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  char buf[64] = {0};
+  ASSERT_TRUE(std::fgets(buf, sizeof buf, p));
+  ::pclose(p);
+  const pid_t pid = static_cast<pid_t>(std::atol(buf));
+  for (int i = 0; i < 3000 && !fs::exists(part / "train_state.safetensors"); ++i) ::usleep(1000);
+  ::usleep(20000);
+  const bool killed = ::kill(pid, SIGKILL) == 0;
+  for (int i = 0; i < 1000 && ::kill(pid, 0) == 0; ++i) ::usleep(1000);  // reaped by init
+  ASSERT_TRUE(fs::exists(part / "train_state.safetensors"));
+  const long resumed_from = std::stol(read_safetensors(part / "train_state.safetensors").metadata.at("step"));
+  std::printf("  killed=%d, resuming from step %ld of %ld\n", killed, resumed_from, steps);
+  std::string out;
+  ASSERT_EQ(run_cli(tiny_flags(part, "int8", steps) + " --checkpoint-every 7 --resume", &out), 0) << out;
+  EXPECT_EQ(file_bytes(full / "model.safetensors"), file_bytes(part / "model.safetensors"));
+  EXPECT_EQ(file_bytes(full / "train_state.safetensors"), file_bytes(part / "train_state.safetensors"));
+  std::ifstream m(part / "metrics.csv");
+  std::string line;
+  long rows = 0, expect_step = 0;
+  std::getline(m, line);  // header
+  while (std::getline(m, line)) {
+    EXPECT_EQ(std::stol(line.substr(0, line.find(','))), expect_step++);
+    ++rows;
+  }
+  EXPECT_EQ(rows, steps);
+  fs::remove_all(full);
+  fs::remove_all(part);
+}
+
+TEST(TrainErrors, RefusesToOverwriteAndToResumeNothing) {
+  const fs::path out = fresh_dir("errors");
+  run_train(tiny_run(out, "int8", 1));
+  EXPECT_THROW(run_train(tiny_run(out, "int8", 1)), std::runtime_error);  // would overwrite
+  TrainOptions other = tiny_run(out, "int16", 2);
+  other.resume = true;
+  EXPECT_THROW(run_train(other), std::runtime_error);  // different format
+  TrainOptions none = tiny_run(fresh_dir("nothing"), "int8", 1);
+  none.resume = true;
+  EXPECT_THROW(run_train(none), std::runtime_error);
+  fs::remove_all(out);
+}
+
+// The CLI: bad flags and a corrupt checkpoint exit non-zero with a message.
+TEST(TrainCli, BadFlagsExitNonZeroWithAMessage) {
+  std::string out;
+  EXPECT_NE(run_cli("train --format int17 --steps 1 --out /tmp/intrain_cli_x", &out), 0);
+  EXPECT_NE(out.find("int17"), std::string::npos) << out;
+  EXPECT_NE(run_cli("train --heads 3 --d-model 128 --steps 1 --out /tmp/intrain_cli_y", &out), 0);
+  EXPECT_NE(out.find("--heads"), std::string::npos) << out;
+  EXPECT_NE(run_cli("train --steps 0", &out), 0);
+  EXPECT_NE(run_cli("train --data /nonexistent/file.txt --steps 1 --out /tmp/intrain_cli_z", &out), 0);
+  EXPECT_NE(out.find("/nonexistent/file.txt"), std::string::npos) << out;
+  EXPECT_NE(run_cli("frobnicate", &out), 0);
+}
+
+TEST(TrainCli, CorruptCheckpointExitsNonZero) {
+  const fs::path bad = fs::temp_directory_path() / "intrain_corrupt.safetensors";
+  {
+    std::ofstream f(bad, std::ios::binary);
+    f << "this is not a safetensors file at all";
+  }
+  std::string out;
+  EXPECT_NE(run_cli("eval --model " + bad.string(), &out), 0);
+  EXPECT_NE(out.find(bad.string()), std::string::npos) << out;
+  // A valid safetensors file that is not an intrain model.
+  SafeTensorsFile f;
+  f.add("x", SafeTensor::from_values<float>({2}, std::vector<float>{1.0f, 2.0f}));
+  write_safetensors(bad, f);
+  EXPECT_NE(run_cli("eval --model " + bad.string(), &out), 0);
+  EXPECT_NE(out.find("n_layer"), std::string::npos) << out;
+  fs::remove(bad);
+}
+
+TEST(TrainCli, EvalPrintsOneJsonObject) {
+  const fs::path out = fresh_dir("evaljson");
+  run_train(tiny_run(out, "fp32", 2));
+  std::string text;
+  ASSERT_EQ(run_cli("eval --model " + (out / "model.safetensors").string() + " --data " + tiny_corpus().string(), &text), 0)
+      << text;
+  const auto j = nlohmann::json::parse(text);
+  for (const char* k : {"loss", "perplexity", "bits_per_byte", "tokens"}) EXPECT_TRUE(j.contains(k)) << k;
+  EXPECT_NEAR(j["perplexity"].get<double>(), std::exp(j["loss"].get<double>()), 1e-9);
+  fs::remove_all(out);
+}
+
+}  // namespace
+}  // namespace intrain
