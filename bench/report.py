@@ -4,8 +4,10 @@
     python3 bench/report.py out/bench_matmul_omp1.json out/bench_matmul_omp2.json out/bench_passes.json
 
 Any mix of files from the two programs may be given. With --benchmark_repetitions
-the median of each benchmark is used (its min..max spread is shown in a separate
-column); without, the single run. Ratios are only formed between numbers of one
+each benchmark's best repetition is used (highest rate, lowest time: on a shared
+machine other work only ever slows a run down), and a second table shows the
+median and the min..max spread; with --stat=median the median is used instead.
+Without repetitions, the single run. Ratios are only formed between numbers of one
 file set, i.e. one run on one machine: absolute numbers vary up to 2x between
 machines of this kind.
 """
@@ -53,9 +55,17 @@ def fmt(x, digits=0):
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+STAT = "best"
+
+
 def med(r, key, field):
+    """The value a table shows: the best repetition (default) or the median."""
     v = r.get(key, {}).get(field)
-    return None if v is None else v[0]
+    if v is None:
+        return None
+    if STAT == "median":
+        return v[0]
+    return v[1] if field == "real_time" else v[2]
 
 
 def ratio(a, b):
@@ -66,7 +76,7 @@ def spread(r, key, field):
     v = r.get(key, {}).get(field)
     if v is None or r[key]["n"] < 2:
         return ""
-    return f"{v[1]:.0f}–{v[2]:.0f}"
+    return f"{v[0]:.0f} ({v[1]:.0f}–{v[2]:.0f})"
 
 
 def matmul_tables(r):
@@ -75,9 +85,13 @@ def matmul_tables(r):
         if path.startswith(("intrain_", "onednn_")) and shape not in shapes:
             shapes.append(shape)
     shapes.sort(key=lambda s: (s != "1024x1024x1024", s))
+    if not shapes:
+        return []
     threads = sorted({t for (_p, _s, t) in r})
     paths = ["intrain_int8", "intrain_split16", "onednn_u8s8", "onednn_s8s8", "onednn_f32"]
-    lines = ["### Matmul throughput, GOP/s (median)", ""]
+    reps = max((r[k]["n"] for k in r), default=1)
+    label = f"best of {reps}" if STAT == "best" and reps > 1 else ("median" if reps > 1 else "one run")
+    lines = [f"### Matmul throughput, GOP/s ({label})", ""]
     lines.append("| M×K×N | threads | " + " | ".join(paths) +
                  " | int8 / u8s8 | int8 / s8s8 | split16 / f32 | s8s8 / u8s8 |")
     lines.append("|" + "---|" * (2 + len(paths) + 4))
@@ -92,7 +106,7 @@ def matmul_tables(r):
                                     ratio(v["intrain_split16"], v["onednn_f32"]),
                                     ratio(v["onednn_s8s8"], v["onednn_u8s8"]))) + " |")
     if any(r[k]["n"] > 1 for k in r):
-        lines += ["", "Spread (min–max GOP/s over the repetitions):", ""]
+        lines += ["", "Median (min–max) GOP/s over the repetitions:", ""]
         lines.append("| M×K×N | threads | " + " | ".join(paths) + " |")
         lines.append("|" + "---|" * (2 + len(paths)))
         for t in threads:
@@ -103,7 +117,7 @@ def matmul_tables(r):
 
     tshapes = [s for s in shapes if any(("intrain_int8_TN", s, t) in r for t in threads)]
     if tshapes:
-        lines += ["", "### Transposed layouts, intrain int8 path, GOP/s (median)", "",
+        lines += ["", f"### Transposed layouts, intrain int8 path, GOP/s ({label})", "",
                   "Same logical M×K×N; TN = Aᵀ·B with A stored [K, M], NT = A·Bᵀ with B stored [N, K].", "",
                   "| M×K×N | threads | NN | TN (Aᵀ·B) | NT (A·Bᵀ) | TN / NN | NT / NN |", "|---|---|---|---|---|---|---|"]
         for t in threads:
@@ -126,7 +140,9 @@ def passes_tables(r):
     threads = sorted({t for (p, _s, t) in r if p in order})
     if not sizes:
         return []
-    lines = ["### Memory-bound passes (median)", "",
+    reps = max((r[k]["n"] for k in r if k[0] in order), default=1)
+    label = f"best of {reps}" if STAT == "best" and reps > 1 else ("median" if reps > 1 else "one run")
+    lines = [f"### Memory-bound passes ({label})", "",
              "GB/s = minimum traffic (input read once + output written once) per second; "
              "vs memcpy = GB/s ÷ memcpy_f32 GB/s at the same size and threads.", "",
              "| pass | size | threads | time (µs) | Gelem/s | GB/s | vs memcpy |", "|---|---|---|---|---|---|---|"]
@@ -146,18 +162,21 @@ def passes_tables(r):
 
 
 def main(argv):
-    if len(argv) < 2:
+    global STAT
+    args = [a for a in argv[1:] if not a.startswith("--stat=")]
+    for a in argv[1:]:
+        if a.startswith("--stat="):
+            STAT = a.split("=", 1)[1]
+    if not args or STAT not in ("best", "median"):
         print(__doc__)
         return 1
-    r, ctx = load(argv[1:])
+    r, ctx = load(args)
     lines = []
     if ctx:
         lines += [f"Run {ctx.get('date', '?')} on {ctx.get('host_name', '?')}, "
                   f"{ctx.get('num_cpus', '?')} CPUs at {ctx.get('mhz_per_cpu', '?')} MHz.", ""]
-    lines += matmul_tables(r)
-    p = passes_tables(r)
-    if p:
-        lines += [""] + p
+    m, p = matmul_tables(r), passes_tables(r)
+    lines += m + ([""] if m and p else []) + p
     print("\n".join(lines))
     return 0
 

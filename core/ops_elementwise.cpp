@@ -7,6 +7,7 @@
 #include "core/ops.h"
 #include "core/parallel.h"
 #include "core/quantize.h"
+#include "core/simd.h"
 
 namespace intrain {
 
@@ -24,6 +25,82 @@ template <class F> void for_int(const Tensor& t, F&& f) { visit_int(t, std::forw
 Tensor acc64(Shape shape, int exponent, bool zero = false) {
   return zero ? Tensor(std::move(shape), Format::accumulator(64), exponent)
               : Tensor::uninitialized(std::move(shape), Format::accumulator(64), exponent);
+}
+
+// out[r, n] = shift(acc[r, n]) + bias[n]; returns max |out|.
+template <class A>
+INTRAIN_INLINE std::uint64_t bias_rows_body(const A* acc, std::int64_t R, std::int64_t N, const std::int64_t* bias,
+                                            ExponentShift sh, std::int64_t* out) {
+  std::uint64_t mx = 0;
+  for (std::int64_t r = 0; r < R; ++r)
+    for (std::int64_t n = 0; n < N; ++n) {
+      const std::int64_t o = sh(acc[r * N + n]) + bias[n];
+      out[r * N + n] = o;
+      const std::uint64_t a = o < 0 ? 0 - static_cast<std::uint64_t>(o) : static_cast<std::uint64_t>(o);
+      mx = a > mx ? a : mx;
+    }
+  return mx;
+}
+INTRAIN_CLONES std::uint64_t bias_rows(const std::int32_t* acc, std::int64_t R, std::int64_t N, const std::int64_t* bias,
+                                       ExponentShift sh, std::int64_t* out) {
+  return bias_rows_body(acc, R, N, bias, sh, out);
+}
+INTRAIN_CLONES std::uint64_t bias_rows(const std::int64_t* acc, std::int64_t R, std::int64_t N, const std::int64_t* bias,
+                                       ExponentShift sh, std::int64_t* out) {
+  return bias_rows_body(acc, R, N, bias, sh, out);
+}
+template <class A>
+std::uint64_t bias_rows(const A* acc, std::int64_t R, std::int64_t N, const std::int64_t* bias, ExponentShift sh,
+                        std::int64_t* out) {
+  return bias_rows_body(acc, R, N, bias, sh, out);
+}
+
+// out = shift_a(a) + shift_b(b), elementwise; returns max |out|.
+template <class A, class B>
+INTRAIN_INLINE std::uint64_t add_body(const A* a, ExponentShift sa, const B* b, ExponentShift sb, std::int64_t n,
+                                      std::int64_t* out) {
+  std::uint64_t mx = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t o = sa(a[i]) + sb(b[i]);
+    out[i] = o;
+    const std::uint64_t u = o < 0 ? 0 - static_cast<std::uint64_t>(o) : static_cast<std::uint64_t>(o);
+    mx = u > mx ? u : mx;
+  }
+  return mx;
+}
+INTRAIN_CLONES std::uint64_t add_kernel(const std::int32_t* a, ExponentShift sa, const std::int32_t* b, ExponentShift sb,
+                                        std::int64_t n, std::int64_t* out) {
+  return add_body(a, sa, b, sb, n, out);
+}
+INTRAIN_CLONES std::uint64_t add_kernel(const std::int32_t* a, ExponentShift sa, const std::int64_t* b, ExponentShift sb,
+                                        std::int64_t n, std::int64_t* out) {
+  return add_body(a, sa, b, sb, n, out);
+}
+template <class A, class B>
+std::uint64_t add_kernel(const A* a, ExponentShift sa, const B* b, ExponentShift sb, std::int64_t n, std::int64_t* out) {
+  return add_body(a, sa, b, sb, n, out);
+}
+
+// sums[n] += x[r, n] over rows [r0, r1).
+template <class T>
+INTRAIN_INLINE void column_sums_body(const T* x, std::int64_t r0, std::int64_t r1, std::int64_t N, std::int64_t* sums) {
+  for (std::int64_t r = r0; r < r1; ++r)
+    for (std::int64_t n = 0; n < N; ++n) sums[n] += x[r * N + n];
+}
+INTRAIN_CLONES void column_sums(const std::int8_t* x, std::int64_t r0, std::int64_t r1, std::int64_t N, std::int64_t* s) {
+  column_sums_body(x, r0, r1, N, s);
+}
+INTRAIN_CLONES void column_sums(const std::int16_t* x, std::int64_t r0, std::int64_t r1, std::int64_t N, std::int64_t* s) {
+  column_sums_body(x, r0, r1, N, s);
+}
+template <class T> void column_sums(const T* x, std::int64_t r0, std::int64_t r1, std::int64_t N, std::int64_t* s) {
+  column_sums_body(x, r0, r1, N, s);
+}
+
+std::uint64_t max_all(const std::vector<std::uint64_t>& v) {
+  std::uint64_t m = 0;
+  for (auto x : v) m = std::max(m, x);
+  return m;
 }
 
 }  // namespace
@@ -69,14 +146,15 @@ Tensor bias_add(const Tensor& acc, const Tensor* bias, const Format& out, RngKey
   });
   Tensor sum = acc64(acc.shape(), e);
   std::int64_t* s = sum.data<std::int64_t>();
+  const ExponentShift sh(acc.exponent(), e);
+  const std::int64_t rows_per_chunk = std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(N, 1));
+  std::vector<std::uint64_t> mx(static_cast<std::size_t>(num_chunks(R, rows_per_chunk)), 0);
   for_int(acc, [&](const auto* a) {
-    for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
-      for (std::int64_t r = r0; r < r1; ++r)
-        for (std::int64_t n = 0; n < N; ++n)
-          s[r * N + n] = shift_to(a[r * N + n], acc.exponent(), e) + b[static_cast<std::size_t>(n)];
-    }, std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(N, 1)));
+    for_chunks(R, [&](std::int64_t c, std::int64_t r0, std::int64_t r1) {
+      mx[static_cast<std::size_t>(c)] = bias_rows(a + r0 * N, r1 - r0, N, b.data(), sh, s + r0 * N);
+    }, rows_per_chunk);
   });
-  return requantize(sum, out, key);
+  return requantize_with_max(sum, max_all(mx), out, key);
 }
 
 Tensor sum_rows(const Tensor& dy) {
@@ -92,29 +170,38 @@ Tensor sum_rows(const Tensor& dy) {
     }, 64);
     return out;
   }
+  // Partial column sums per chunk of rows, added in chunk order (exact).
   Tensor out = acc64({N}, dy.exponent(), true);
   std::int64_t* o = out.data<std::int64_t>();
+  const std::int64_t rows_per_chunk = std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(N, 1));
+  const std::int64_t nc = num_chunks(R, rows_per_chunk);
+  std::vector<std::int64_t> part(static_cast<std::size_t>(nc * N), 0);
   for_int(dy, [&](const auto* p) {
-    for_chunks(N, [&](std::int64_t, std::int64_t n0, std::int64_t n1) {
-      for (std::int64_t r = 0; r < R; ++r)
-        for (std::int64_t n = n0; n < n1; ++n) o[n] += p[r * N + n];
-    }, 64);
+    for_chunks(R, [&](std::int64_t c, std::int64_t r0, std::int64_t r1) {
+      column_sums(p, r0, r1, N, part.data() + c * N);
+    }, rows_per_chunk);
   });
+  for (std::int64_t c = 0; c < nc; ++c)
+    for (std::int64_t n = 0; n < N; ++n) o[n] += part[static_cast<std::size_t>(c * N + n)];
   return out;
 }
 
-// Elementwise sum of two same-shape tensors into an exact acc64 (integer).
-static Tensor aligned_sum(const Tensor& a, const Tensor& b) {
+// Elementwise sum of two same-shape tensors into an exact acc64 (integer);
+// also returns max |sum|.
+static Tensor aligned_sum(const Tensor& a, const Tensor& b, std::uint64_t* max_out = nullptr) {
   const int e = common_exponent(max_abs_mantissa(a), a.exponent(), max_abs_mantissa(b), b.exponent());
   Tensor s = acc64(a.shape(), e);
   std::int64_t* o = s.data<std::int64_t>();
+  const ExponentShift sa(a.exponent(), e), sb(b.exponent(), e);
+  std::vector<std::uint64_t> mx(static_cast<std::size_t>(num_chunks(a.numel())), 0);
   for_int(a, [&](const auto* pa) {
     for_int(b, [&](const auto* pb) {
-      for_chunks(a.numel(), [&](std::int64_t, std::int64_t i0, std::int64_t i1) {
-        for (std::int64_t i = i0; i < i1; ++i) o[i] = shift_to(pa[i], a.exponent(), e) + shift_to(pb[i], b.exponent(), e);
+      for_chunks(a.numel(), [&](std::int64_t c, std::int64_t i0, std::int64_t i1) {
+        mx[static_cast<std::size_t>(c)] = add_kernel(pa + i0, sa, pb + i0, sb, i1 - i0, o + i0);
       });
     });
   });
+  if (max_out) *max_out = max_all(mx);
   return s;
 }
 
@@ -128,9 +215,10 @@ void residual_add(Tensor& h, const Tensor& x, RngKey key) {
     });
     return;
   }
-  Tensor s = aligned_sum(h, x);
+  std::uint64_t mx = 0;
+  Tensor s = aligned_sum(h, x, &mx);
   s.reshape(h.shape());
-  h = requantize(s, residual_format(), key);
+  h = requantize_with_max(s, mx, residual_format(), key);
 }
 
 Tensor add_accumulators(const Tensor& a, const Tensor& b) {

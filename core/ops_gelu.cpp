@@ -18,6 +18,7 @@
 #include "core/ops.h"
 #include "core/parallel.h"
 #include "core/quantize.h"
+#include "core/simd.h"
 
 namespace intrain {
 
@@ -52,68 +53,91 @@ const Tables& tables() {
   return t;
 }
 
-// Linear interpolation in a table at zq (Q16, |zq| < 8 * 2^16).
-inline std::int64_t lerp(const std::array<std::int64_t, kEntries>& t, std::int64_t zq) {
-  const std::int64_t u = zq + kRange;
+// The integer kernels. z is in residual_format() (int32, |z| < 2^23) at
+// exponent ez. zq = z in Q16, computed once per element by a hoisted shift;
+// values beyond the table (|z| >= 8) are flagged by comparing z itself with
+// 8 * 2^-ez, so no shift can overflow. Branch-free bodies, multiversioned.
+struct Q16View {
+  ExponentShift to_q16;
+  std::int64_t lim;  // |z| >= lim  <=>  |z_real| >= 8
+  explicit Q16View(int ez) : to_q16(ez, -kFrac), lim(ez >= 3 ? 1 : (ez >= -40 ? (std::int64_t{8} << -ez) : INT64_MAX)) {}
+};
+
+INTRAIN_INLINE std::int64_t lerp_clamped(const std::int64_t* t, std::int64_t zq) {
+  std::int64_t u = zq + kRange;
+  u = u < 0 ? 0 : (u > 2 * kRange - 1 ? 2 * kRange - 1 : u);
   const std::int64_t i = u >> kStepBits, frac = u & ((1 << kStepBits) - 1);
-  const std::int64_t a = t[static_cast<std::size_t>(i)], b = t[static_cast<std::size_t>(i + 1)];
-  return a + shift_round_nearest((b - a) * frac, kStepBits);
+  const std::int64_t a = t[i], b = t[i + 1];
+  return a + (((b - a) * frac + (1 << (kStepBits - 1))) >> kStepBits);
 }
 
-// z (mantissa m at exponent e) in Q16; `outside` is -1 / +1 when z <= -8 / z >= 8.
-inline std::int64_t to_q16(std::int64_t m, int e, int& outside) {
-  // |z| >= 2^24 cannot be shifted safely, and is outside the table anyway.
-  if (e > -kFrac && bit_length(static_cast<std::uint64_t>(m < 0 ? -m : m)) + (e + kFrac) > 40) {
-    outside = m < 0 ? -1 : 1;
-    return 0;
+// out = gelu(z) at exponent eo = max(-16, ez); returns max |out|.
+INTRAIN_CLONES std::uint64_t gelu_fwd_kernel(const std::int32_t* z, std::int64_t* out, std::int64_t n, int ez, int eo,
+                                             const std::int64_t* table) {
+  const Q16View q(ez);
+  const ExponentShift from_q16(-kFrac, eo), from_z(ez, eo);
+  std::uint64_t mx = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t v = z[i];
+    const bool hi = v >= q.lim, lo = v <= -q.lim;
+    const std::int64_t zq = (hi | lo) ? 0 : q.to_q16(v);
+    const std::int64_t inside = from_q16(lerp_clamped(table, zq));
+    const std::int64_t o = hi ? from_z(v) : (lo ? 0 : inside);
+    out[i] = o;
+    const std::uint64_t a = o < 0 ? 0 - static_cast<std::uint64_t>(o) : static_cast<std::uint64_t>(o);
+    mx = a > mx ? a : mx;
   }
-  const std::int64_t q = shift_to(m, e, -kFrac);
-  outside = q >= kRange ? 1 : (q <= -kRange ? -1 : 0);
-  return q;
+  return mx;
 }
 
-Tensor gelu_forward_int(const Tensor& z, const Format& out, RngKey key) {
-  const Tables& tb = tables();
-  // Output in Q16; for z >= 8 the output is z itself, which may need more
-  // range: keep the output at exponent min(-16, e_z).
-  const int eo = std::min(-kFrac, z.exponent());
+// out = dy * gelu'(z) at exponent e_dy - 16; returns max |out|.
+INTRAIN_CLONES std::uint64_t gelu_bwd_kernel(const std::int32_t* dy, const std::int32_t* z, std::int64_t* out,
+                                             std::int64_t n, int ez, const std::int64_t* table) {
+  const Q16View q(ez);
+  std::uint64_t mx = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t v = z[i];
+    const bool hi = v >= q.lim, lo = v <= -q.lim;
+    const std::int64_t zq = (hi | lo) ? 0 : q.to_q16(v);
+    const std::int64_t d = hi ? (std::int64_t{1} << kFrac) : (lo ? 0 : lerp_clamped(table, zq));
+    const std::int64_t o = static_cast<std::int64_t>(dy[i]) * d;  // < 2^23 * 2^17
+    out[i] = o;
+    const std::uint64_t a = o < 0 ? 0 - static_cast<std::uint64_t>(o) : static_cast<std::uint64_t>(o);
+    mx = a > mx ? a : mx;
+  }
+  return mx;
+}
+
+std::uint64_t max_of(const std::vector<std::uint64_t>& v) {
+  std::uint64_t m = 0;
+  for (auto x : v) m = std::max(m, x);
+  return m;
+}
+
+Tensor gelu_forward_int(const Tensor& z_in, const Format& out, RngKey key) {
+  const Tensor z = z_in.dtype() == DType::I32 ? z_in : cast(z_in, residual_format(), key.derive(3));
+  const int eo = std::max(-kFrac, z.exponent());
   Tensor acc = Tensor::uninitialized(z.shape(), Format::accumulator(64), eo);
+  std::vector<std::uint64_t> mx(static_cast<std::size_t>(num_chunks(z.numel())));
+  const std::int32_t* pz = z.data<std::int32_t>();
   std::int64_t* o = acc.data<std::int64_t>();
-  visit_int(z, [&](const auto* pz) {
-    for_chunks(z.numel(), [&](std::int64_t, std::int64_t i0, std::int64_t i1) {
-      for (std::int64_t i = i0; i < i1; ++i) {
-        int outside = 0;
-        const std::int64_t q = to_q16(pz[i], z.exponent(), outside);
-        if (outside > 0) {
-          o[i] = shift_to(pz[i], z.exponent(), eo);
-        } else if (outside < 0) {
-          o[i] = 0;
-        } else {
-          o[i] = shift_to(lerp(tb.f, q), -kFrac, eo);
-        }
-      }
-    });
+  for_chunks(z.numel(), [&](std::int64_t c, std::int64_t i0, std::int64_t i1) {
+    mx[static_cast<std::size_t>(c)] = gelu_fwd_kernel(pz + i0, o + i0, i1 - i0, z.exponent(), eo, tables().f.data());
   });
-  return requantize(acc, out, key);
+  return requantize_with_max(acc, max_of(mx), out, key);
 }
 
-Tensor gelu_backward_int(const Tensor& dy_in, const Tensor& z, const Format& out, RngKey key) {
-  const Tables& tb = tables();
+Tensor gelu_backward_int(const Tensor& dy_in, const Tensor& z_in, const Format& out, RngKey key) {
   const Tensor dy = cast(dy_in, residual_format(), key.derive(1));  // |dy| < 2^23
+  const Tensor z = z_in.dtype() == DType::I32 ? z_in : cast(z_in, residual_format(), key.derive(3));
   Tensor acc = Tensor::uninitialized(z.shape(), Format::accumulator(64), dy.exponent() - kFrac);
+  std::vector<std::uint64_t> mx(static_cast<std::size_t>(num_chunks(z.numel())));
+  const std::int32_t *pz = z.data<std::int32_t>(), *pdy = dy.data<std::int32_t>();
   std::int64_t* o = acc.data<std::int64_t>();
-  const std::int32_t* pdy = dy.data<std::int32_t>();
-  visit_int(z, [&](const auto* pz) {
-    for_chunks(z.numel(), [&](std::int64_t, std::int64_t i0, std::int64_t i1) {
-      for (std::int64_t i = i0; i < i1; ++i) {
-        int outside = 0;
-        const std::int64_t q = to_q16(pz[i], z.exponent(), outside);
-        const std::int64_t d = outside > 0 ? (1 << kFrac) : (outside < 0 ? 0 : lerp(tb.df, q));
-        o[i] = static_cast<std::int64_t>(pdy[i]) * d;  // < 2^23 * 2^17
-      }
-    });
+  for_chunks(z.numel(), [&](std::int64_t c, std::int64_t i0, std::int64_t i1) {
+    mx[static_cast<std::size_t>(c)] = gelu_bwd_kernel(pdy + i0, pz + i0, o + i0, i1 - i0, z.exponent(), tables().df.data());
   });
-  return requantize(acc, out, key.derive(2));
+  return requantize_with_max(acc, max_of(mx), out, key.derive(2));
 }
 
 }  // namespace

@@ -27,6 +27,7 @@
 #include "core/ops.h"
 #include "core/parallel.h"
 #include "core/quantize.h"
+#include "core/simd.h"
 
 namespace intrain {
 
@@ -128,6 +129,44 @@ Tensor ln_backward_float(const Tensor& dy, const Tensor& gamma, const LayerNormC
 
 // ---- integer --------------------------------------------------------------
 
+// ---- integer kernels (one row at a time, multiversioned) -------------------
+
+// Row statistics and xhat (Q16). Returns nothing; writes rinv and m.
+INTRAIN_CLONES void ln_row_normalize(const std::int32_t* x, std::int64_t C, std::int64_t eps_c, std::int32_t* xhat,
+                                     std::int64_t* rinv_out, std::int32_t* m_out) {
+  std::int64_t sum = 0;
+  for (std::int64_t c = 0; c < C; ++c) sum += x[c];
+  const std::int64_t mean = round_div(sum, C);
+  std::int64_t var = 0;
+  for (std::int64_t c = 0; c < C; ++c) var += (x[c] - mean) * (x[c] - mean);
+  const std::uint64_t S = static_cast<std::uint64_t>(var + eps_c);
+  // m: S * 4^m in [2^60, 2^62), so sigma' carries about 30 significant bits.
+  const int m = std::clamp((62 - bit_length(S)) / 2, 0, 30);
+  const std::uint64_t sigma = isqrt64((S << (2 * m)) / static_cast<std::uint64_t>(C));
+  const std::int64_t rinv = static_cast<std::int64_t>((std::uint64_t{1} << 48) / std::max<std::uint64_t>(sigma, 1));
+  *rinv_out = rinv;
+  *m_out = m;
+  const int sh = 32 - m;  // >= 2
+  const std::int64_t half = std::int64_t{1} << (sh - 1);
+  for (std::int64_t c = 0; c < C; ++c) {
+    const std::int64_t p = (x[c] - mean) * rinv;
+    xhat[c] = static_cast<std::int32_t>((p + half) >> sh);  // round half up: deterministic
+  }
+}
+
+// out = xhat * gamma + beta (beta pre-shifted to the output exponent); returns max |out|.
+INTRAIN_CLONES std::uint64_t ln_row_affine(const std::int32_t* xhat, const std::int32_t* g, const std::int64_t* beta,
+                                           std::int64_t C, ExponentShift sh, std::int64_t* out) {
+  std::uint64_t mx = 0;
+  for (std::int64_t c = 0; c < C; ++c) {
+    const std::int64_t o = sh(static_cast<std::int64_t>(xhat[c]) * g[c]) + beta[c];
+    out[c] = o;
+    const std::uint64_t a = o < 0 ? 0 - static_cast<std::uint64_t>(o) : static_cast<std::uint64_t>(o);
+    mx = a > mx ? a : mx;
+  }
+  return mx;
+}
+
 Tensor ln_forward_int(const Tensor& x, const Tensor& gamma, const Tensor& beta, const Format& out, RngKey key,
                       LayerNormCache& cache) {
   const std::int64_t R = rows_of(x), C = x.cols();
@@ -145,118 +184,144 @@ Tensor ln_forward_int(const Tensor& x, const Tensor& gamma, const Tensor& beta, 
   cache.rinv.assign(static_cast<std::size_t>(R), 0);
   cache.rshift.assign(static_cast<std::size_t>(R), 0);
   cache.x_exponent = e;
-  const std::int32_t* px = x.data<std::int32_t>();
-  std::int32_t* xh = cache.xhat.data<std::int32_t>();
-  for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
-    for (std::int64_t r = r0; r < r1; ++r) {
-      const std::int32_t* xr = px + r * C;
-      std::int64_t sum = 0;
-      for (std::int64_t c = 0; c < C; ++c) sum += xr[c];
-      const std::int64_t mean = round_div(sum, C);
-      std::int64_t var = 0;
-      for (std::int64_t c = 0; c < C; ++c) var += (xr[c] - mean) * (xr[c] - mean);
-      const std::uint64_t S = static_cast<std::uint64_t>(var + eps_c);
-      // m: S * 4^m in [2^60, 2^62), so sigma' carries about 30 significant bits.
-      const int m = std::clamp((62 - bit_length(S)) / 2, 0, 30);
-      const std::uint64_t sigma = isqrt64((S << (2 * m)) / static_cast<std::uint64_t>(C));
-      const std::int64_t rinv = static_cast<std::int64_t>((std::uint64_t{1} << 48) / std::max<std::uint64_t>(sigma, 1));
-      cache.rinv[static_cast<std::size_t>(r)] = rinv;
-      cache.rshift[static_cast<std::size_t>(r)] = m;
-      for (std::int64_t c = 0; c < C; ++c) {
-        xh[r * C + c] = static_cast<std::int32_t>(shift_round_nearest((xr[c] - mean) * rinv, 32 - m));
-      }
-    }
-  }, 16);
-  // y = xhat * gamma + beta at one exponent, exactly, then requantized.
-  const std::int32_t *g = gamma.data<std::int32_t>(), *b = beta.data<std::int32_t>();
-  const std::uint64_t max_prod = (std::uint64_t{1} << (bit_length(max_abs_mantissa(cache.xhat)) +
-                                                        bit_length(max_abs_mantissa(gamma))));
+  // y = xhat * gamma + beta at one exponent, exactly, then requantized once.
+  // |xhat| <= sqrt(C) * 2^16 (a normalised row has norm sqrt(C)), so the
+  // product bound is known before the pass.
+  const std::uint64_t xhat_bound = (static_cast<std::uint64_t>(isqrt64(static_cast<std::uint64_t>(C))) + 1) << 16;
+  const std::uint64_t max_prod = std::uint64_t{1} << (bit_length(xhat_bound) + bit_length(max_abs_mantissa(gamma)));
   const int ep = -16 + gamma.exponent();
   const int eo = common_exponent(max_prod, ep, max_abs_mantissa(beta), beta.exponent());
   std::vector<std::int64_t> bias(static_cast<std::size_t>(C));
+  const std::int32_t *g = gamma.data<std::int32_t>(), *b = beta.data<std::int32_t>();
   for (std::int64_t c = 0; c < C; ++c) bias[static_cast<std::size_t>(c)] = shift_to(b[c], beta.exponent(), eo);
+  const ExponentShift sh(ep, eo);
   Tensor acc = Tensor::uninitialized(x.shape(), Format::accumulator(64), eo);
+  const std::int32_t* px = x.data<std::int32_t>();
+  std::int32_t* xh = cache.xhat.data<std::int32_t>();
   std::int64_t* pa = acc.data<std::int64_t>();
-  for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
-    for (std::int64_t r = r0; r < r1; ++r)
-      for (std::int64_t c = 0; c < C; ++c)
-        pa[r * C + c] = shift_to(static_cast<std::int64_t>(xh[r * C + c]) * g[c], ep, eo) + bias[static_cast<std::size_t>(c)];
-  }, 16);
-  return requantize(acc, out, key);
+  const std::int64_t rows_per_chunk = std::max<std::int64_t>(1, kChunk / C);
+  std::vector<std::uint64_t> mx(static_cast<std::size_t>(num_chunks(R, rows_per_chunk)), 0);
+  for_chunks(R, [&](std::int64_t chunk, std::int64_t r0, std::int64_t r1) {
+    std::uint64_t m = 0;
+    for (std::int64_t r = r0; r < r1; ++r) {
+      ln_row_normalize(px + r * C, C, eps_c, xh + r * C, &cache.rinv[static_cast<std::size_t>(r)],
+                       &cache.rshift[static_cast<std::size_t>(r)]);
+      m = std::max(m, ln_row_affine(xh + r * C, g, bias.data(), C, sh, pa + r * C));
+    }
+    mx[static_cast<std::size_t>(chunk)] = m;
+  }, rows_per_chunk);
+  std::uint64_t mxall = 0;
+  for (auto v : mx) mxall = std::max(mxall, v);
+  return requantize_with_max(acc, mxall, out, key);
+}
+
+// One row of the backward pass, in g' units (g' = dy * gamma >> gshift):
+//   v_c = (C g'_c - sum g' - xhat_c * sum(g' xhat)) * (rinv * 2^12 / C)
+// at exponent e_g' + m - 48 - e_x - 12. Returns max |v|.
+INTRAIN_CLONES std::uint64_t ln_row_backward(const std::int32_t* dy, const std::int32_t* gamma,
+                                             const std::int32_t* xhat, std::int64_t C, int gshift, std::int64_t mult,
+                                             std::int64_t* v, std::int64_t* gbuf) {
+  std::int64_t A = 0, Bq = 0;
+  const std::int64_t ghalf = gshift > 0 ? std::int64_t{1} << (gshift - 1) : 0;
+  for (std::int64_t c = 0; c < C; ++c) {
+    const std::int64_t g = (static_cast<std::int64_t>(dy[c]) * gamma[c] + ghalf) >> gshift;  // < 2^24
+    gbuf[c] = g;
+    A += g;
+    Bq += g * xhat[c];
+  }
+  const std::int64_t B = (Bq + (std::int64_t{1} << 15)) >> 16;  // sum g' xhat, in g' units
+  std::uint64_t mx = 0;
+  for (std::int64_t c = 0; c < C; ++c) {
+    const std::int64_t inner = C * gbuf[c] - A - ((xhat[c] * B + (std::int64_t{1} << 15)) >> 16);
+    const std::int64_t o = inner * mult;
+    v[c] = o;
+    const std::uint64_t a = o < 0 ? 0 - static_cast<std::uint64_t>(o) : static_cast<std::uint64_t>(o);
+    mx = a > mx ? a : mx;
+  }
+  return mx;
+}
+
+// dx = v shifted from the row's exponent to the tensor's, stochastically rounded.
+INTRAIN_CLONES void ln_row_output(const std::int64_t* v, std::int64_t C, int s, RngKey key, std::uint32_t base,
+                                  std::int32_t* dx) {
+  if (s <= 0) {
+    for (std::int64_t c = 0; c < C; ++c) dx[c] = static_cast<std::int32_t>(v[c] << -s);
+    return;
+  }
+  const std::uint64_t mask = (std::uint64_t{1} << s) - 1;
+  for (std::int64_t c = 0; c < C; ++c) {
+    const std::uint64_t rem = static_cast<std::uint64_t>(v[c]) & mask;
+    const std::uint32_t frac32 = static_cast<std::uint32_t>(s <= 32 ? rem << (32 - s) : rem >> (s - 32));
+    dx[c] = static_cast<std::int32_t>((v[c] >> s) + (frac32 > key.bits(base + static_cast<std::uint32_t>(c))));
+  }
+}
+
+// Column sums: dgamma[c] += dy * xhat, dbeta[c] += dy over rows [r0, r1).
+INTRAIN_CLONES void ln_param_grads(const std::int32_t* dy, const std::int32_t* xhat, std::int64_t r0, std::int64_t r1,
+                                   std::int64_t C, std::int64_t* dg, std::int64_t* db) {
+  for (std::int64_t r = r0; r < r1; ++r)
+    for (std::int64_t c = 0; c < C; ++c) {
+      dg[c] += static_cast<std::int64_t>(dy[r * C + c]) * xhat[r * C + c];
+      db[c] += dy[r * C + c];
+    }
 }
 
 Tensor ln_backward_int(const Tensor& dy_in, const Tensor& gamma, const LayerNormCache& cache, Tensor& dgamma,
                        Tensor& dbeta, RngKey key) {
   const std::int64_t R = rows_of(dy_in), C = dy_in.cols();
-  // Bound dy to 24 bits, then g = dy * gamma rounded to 24 bits too.
-  const Tensor dy = cast(dy_in, residual_format(), key.derive(1));
+  const Tensor dy = cast(dy_in, residual_format(), key.derive(1));  // |dy| < 2^23
   const std::int32_t *pdy = dy.data<std::int32_t>(), *gm = gamma.data<std::int32_t>();
   const std::int32_t* xh = cache.xhat.data<std::int32_t>();
-  Tensor gfull = Tensor::uninitialized({R, C}, Format::accumulator(64), dy.exponent() + gamma.exponent());
-  std::int64_t* pg = gfull.data<std::int64_t>();
-  for (std::int64_t i = 0; i < R * C; ++i) pg[i] = static_cast<std::int64_t>(pdy[i]) * gm[i % C];
-  const Tensor g = cast(gfull, residual_format(), key.derive(2));
-  const std::int32_t* pgr = g.data<std::int32_t>();
-
-  // Per row: v_c = C*g_c - sum(g) - xhat_c * sum(g * xhat) (all in g units),
-  // then dx_c = v_c * rinv / C at exponent e_g + m - 48 - e_x (1/sigma in real
-  // units is rinv * 2^(m - 48) / 2^e_x). Rows have their own
-  // m, so values are first kept in int64 with a per-row exponent.
+  // g' = dy * gamma rounded to `gbits` bits (24 for rows of up to 128; one
+  // bit fewer per doubling beyond, so that C * g' * (rinv 2^12 / C) stays in
+  // int64 for C up to 2^14).
+  const int gbits = 24 - std::max(0, bit_length(static_cast<std::uint64_t>(C)) - 8);
+  const int gshift =
+      std::max(0, bit_length(max_abs_mantissa(dy)) + bit_length(max_abs_mantissa(gamma)) - gbits);
+  const int eg = dy.exponent() + gamma.exponent() + gshift;
   std::vector<std::int64_t> v(static_cast<std::size_t>(R * C));
   std::vector<int> row_exp(static_cast<std::size_t>(R));
+  std::vector<int> row_bits(static_cast<std::size_t>(R));
+  const std::int64_t rows_per_chunk = std::max<std::int64_t>(1, kChunk / C);
   for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
+    std::vector<std::int64_t> gbuf(static_cast<std::size_t>(C));
     for (std::int64_t r = r0; r < r1; ++r) {
-      std::int64_t A = 0, Bq = 0;
-      for (std::int64_t c = 0; c < C; ++c) {
-        A += pgr[r * C + c];
-        Bq += static_cast<std::int64_t>(pgr[r * C + c]) * xh[r * C + c];
-      }
-      const std::int64_t B = shift_round_nearest(Bq, 16);  // sum g * xhat, in g units
-      const std::int64_t rinv = cache.rinv[static_cast<std::size_t>(r)];
-      for (std::int64_t c = 0; c < C; ++c) {
-        const std::int64_t inner = C * pgr[r * C + c] - A - shift_round_nearest(xh[r * C + c] * B, 16);
-        v[static_cast<std::size_t>(r * C + c)] = round_div(inner * rinv, C);
-      }
-      row_exp[static_cast<std::size_t>(r)] = g.exponent() + cache.rshift[static_cast<std::size_t>(r)] - 48 - cache.x_exponent;
+      const std::int64_t mult = (cache.rinv[static_cast<std::size_t>(r)] << 12) / C;
+      const std::uint64_t mx = ln_row_backward(pdy + r * C, gm, xh + r * C, C, gshift, mult,
+                                               v.data() + r * C, gbuf.data());
+      row_exp[static_cast<std::size_t>(r)] = eg + cache.rshift[static_cast<std::size_t>(r)] - 48 - cache.x_exponent - 12;
+      row_bits[static_cast<std::size_t>(r)] = bit_length(mx);
     }
-  }, 16);
-  // One exponent for the whole tensor: the smallest that keeps every row
-  // inside 23 bits.
+  }, rows_per_chunk);
+  // One exponent for the whole tensor: the smallest that keeps every row inside 23 bits.
   int eo = INT32_MIN;
-  for (std::int64_t r = 0; r < R; ++r) {
-    std::uint64_t mx = 0;
-    for (std::int64_t c = 0; c < C; ++c) {
-      const std::int64_t a = v[static_cast<std::size_t>(r * C + c)];
-      mx = std::max<std::uint64_t>(mx, static_cast<std::uint64_t>(a < 0 ? -a : a));
-    }
-    eo = std::max(eo, row_exp[static_cast<std::size_t>(r)] + bit_length(mx) - 23);
-  }
+  for (std::int64_t r = 0; r < R; ++r)
+    eo = std::max(eo, row_exp[static_cast<std::size_t>(r)] + row_bits[static_cast<std::size_t>(r)] - 23);
   Tensor dx = Tensor::uninitialized(dy_in.shape(), residual_format(), eo);
   std::int32_t* pdx = dx.data<std::int32_t>();
   const RngKey k3 = key.derive(3);
   for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
-      const int s = eo - row_exp[static_cast<std::size_t>(r)];
-      for (std::int64_t c = 0; c < C; ++c) {
-        const std::int64_t i = r * C + c;
-        const std::int64_t val = s >= 0 ? shift_round_stochastic(v[static_cast<std::size_t>(i)], s,
-                                                                 k3.bits(static_cast<std::uint32_t>(i)))
-                                        : v[static_cast<std::size_t>(i)] * (std::int64_t{1} << -s);
-        pdx[i] = static_cast<std::int32_t>(val);
-      }
+      ln_row_output(v.data() + r * C, C, eo - row_exp[static_cast<std::size_t>(r)], k3,
+                    static_cast<std::uint32_t>(r * C), pdx + r * C);
     }
-  }, 16);
-  // dgamma = sum_r dy * xhat (exponent e_dy - 16), dbeta = sum_r dy.
+  }, rows_per_chunk);
+  // dgamma = sum_r dy * xhat (exponent e_dy - 16), dbeta = sum_r dy: integer
+  // partial sums per chunk of rows, added in chunk order (exact anyway).
+  const std::int64_t nchunks = num_chunks(R, rows_per_chunk);
+  std::vector<std::int64_t> part(static_cast<std::size_t>(nchunks * 2 * C), 0);
+  for_chunks(R, [&](std::int64_t chunk, std::int64_t r0, std::int64_t r1) {
+    std::int64_t* p = part.data() + chunk * 2 * C;
+    ln_param_grads(pdy, xh, r0, r1, C, p, p + C);
+  }, rows_per_chunk);
   dgamma = Tensor({C}, Format::accumulator(64), dy.exponent() - 16);
   dbeta = Tensor({C}, Format::accumulator(64), dy.exponent());
   std::int64_t *dg = dgamma.data<std::int64_t>(), *db = dbeta.data<std::int64_t>();
-  for_chunks(C, [&](std::int64_t, std::int64_t c0, std::int64_t c1) {
-    for (std::int64_t r = 0; r < R; ++r)
-      for (std::int64_t c = c0; c < c1; ++c) {
-        dg[c] += static_cast<std::int64_t>(pdy[r * C + c]) * xh[r * C + c];
-        db[c] += pdy[r * C + c];
-      }
-  }, 64);
+  for (std::int64_t k = 0; k < nchunks; ++k)
+    for (std::int64_t c = 0; c < C; ++c) {
+      dg[c] += part[static_cast<std::size_t>(k * 2 * C + c)];
+      db[c] += part[static_cast<std::size_t>(k * 2 * C + C + c)];
+    }
   return dx;
 }
 

@@ -70,12 +70,22 @@ inline std::int64_t exp2_q30(std::int64_t t, const Exp2Table& tb) {
 }
 
 // The log2-domain argument in Q16 for a difference d <= 0, clamped at -32.
+// t = d * M / 2^shift. When the shift exceeds 30, d is first brought down by
+// shift - 30 (losing less than one Q16 unit of t, since M < 2^31); then
+// |d| <= 2^32 or t is far below -32 (|t| >= 2^32 M / 2^30 >= 2^21 for
+// M >= 2^19, i.e. any scale factor c >= 2^-11), so d * M fits in int64.
 inline std::int64_t exp_arg(std::int64_t d, const ExpScale& s) {
   constexpr std::int64_t kFloor = -(std::int64_t{32} << 16);
-  const std::int64_t prod = d * s.M;  // |d| < 2^32, M < 2^31: fits
-  if (s.shift >= 0) return std::max(kFloor, shift_round_nearest(prod, s.shift));
-  if (prod < (kFloor >> -s.shift)) return kFloor;
-  return prod * (std::int64_t{1} << -s.shift);
+  int sh = s.shift;
+  if (sh > 30) {
+    d >>= (sh - 30);
+    sh = 30;
+  }
+  if (d < -(std::int64_t{1} << 32)) return kFloor;
+  const std::int64_t prod = d * s.M;
+  if (sh >= 0) return std::max(kFloor, shift_round_nearest(prod, sh));
+  if (prod < (kFloor >> -sh)) return kFloor;
+  return prod * (std::int64_t{1} << -sh);
 }
 
 // Softmax of one row of n integer scores into Q30 probabilities (p[j] for j >= n untouched).

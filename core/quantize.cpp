@@ -73,7 +73,10 @@ namespace {
 template <class Out>
 INTRAIN_INLINE std::int64_t quantize_body(const float* x, Out* out, std::int64_t n, int e, Rounding mode, RngKey key,
                                           std::int64_t lo, std::int64_t hi, std::uint32_t base) {
-  const double scale = std::ldexp(1.0, -e);
+  // 2^-e overflows double below e = -1023; any non-zero float then saturates,
+  // and 0 stays 0 (0 * inf would be NaN): use the largest finite scale, whose
+  // product with the smallest float (2^-149) still exceeds every range.
+  const double scale = std::min(std::ldexp(1.0, -e), std::ldexp(1.0, 1000));
   const auto dlo = static_cast<double>(lo), dhi = static_cast<double>(hi);
   std::int64_t clipped = 0;
   if (mode == Rounding::Nearest) {
@@ -160,7 +163,10 @@ void quantize_grouped_into(std::span<const float> x, Tensor& t, RngKey key) {
             mn = -1.0f;
             mx = 1.0f;
           }
-          const float scale = static_cast<float>((static_cast<double>(mx) - mn) / maxq);
+          // The scale is stored as a float: keep it a normal float, so a group
+          // of denormals gets a scale of FLT_MIN (error at most half of it)
+          // rather than 0 or a rounded-up denormal step.
+          const float scale = std::max(static_cast<float>((static_cast<double>(mx) - mn) / maxq), FLT_MIN);
           const double zero = std::clamp(std::nearbyint(-static_cast<double>(mn) / scale), 0.0, maxq);
           scales[static_cast<std::size_t>(g)] = scale;
           zeros[static_cast<std::size_t>(g)] = static_cast<std::int32_t>(zero);
@@ -236,7 +242,10 @@ void dequantize_into(const Tensor& t, std::span<float> out) {
       const double scale = std::ldexp(1.0, t.exponent());
       visit_int(t, [&](const auto* m) {
         for_chunks(t.numel(), [&](std::int64_t, std::int64_t b, std::int64_t e) {
-          for (std::int64_t i = b; i < e; ++i) out[i] = static_cast<float>(static_cast<double>(m[i]) * scale);
+          // Values beyond float's range saturate at +-FLT_MAX (a mantissa rounded
+          // up at the top of the range may dequantize to 2^128).
+          for (std::int64_t i = b; i < e; ++i)
+            out[i] = static_cast<float>(std::clamp(static_cast<double>(m[i]) * scale, -double{FLT_MAX}, double{FLT_MAX}));
         });
       });
       return;
@@ -455,10 +464,17 @@ Tensor requantize_at(const Tensor& acc, const Format& f, int exponent, RngKey ke
 }
 
 Tensor requantize(const Tensor& acc, const Format& f, RngKey key) {
+  if (acc.format().scaling() != Scaling::SharedExponent) {
+    throw std::invalid_argument("requantize: input " + acc.describe() + " is not a fixed-point tensor");
+  }
+  return requantize_with_max(acc, max_abs_mantissa(acc), f, key);
+}
+
+Tensor requantize_with_max(const Tensor& acc, std::uint64_t max_abs, const Format& f, RngKey key) {
   if (f.scaling() != Scaling::SharedExponent) {
     throw std::invalid_argument("requantize: target " + f.name() + " is not a fixed-point format");
   }
-  const int shift = shift_for_max(max_abs_mantissa(acc), f.qmax());
+  const int shift = shift_for_max(max_abs, f.qmax());
   return requantize_at(acc, f, acc.exponent() + shift, key);
 }
 

@@ -43,6 +43,7 @@ float max_abs(std::span<const float> x);
 //            range widened to include 0 (as GPTQ does), so 0 is exact and the
 //            zero point is a valid code: scale = (max - min) / (2^bits - 1),
 //            zero = round(-min / scale), q = clamp(round(x / scale) + zero).
+//            The scale is stored as a float and kept normal: at least FLT_MIN.
 //   Float: a copy.
 Tensor quantize(std::span<const float> x, const Shape& shape, const Format& f, RngKey key = {});
 
@@ -63,6 +64,10 @@ std::uint64_t max_abs_mantissa(const Tensor& t);
 // fixed-point format f: shift = shift_for_max(max|acc|, qmax), rounding per
 // f.rounding(), result exponent = acc.exponent() + shift. Never saturates.
 Tensor requantize(const Tensor& acc, const Format& f, RngKey key = {});
+
+// As requantize(), for a caller that already knows max|mantissa| of `acc`
+// (computed while producing it), saving a full read of the tensor.
+Tensor requantize_with_max(const Tensor& acc, std::uint64_t max_abs, const Format& f, RngKey key = {});
 
 // Requantizes to a given result exponent. shift = exponent - acc.exponent()
 // may be negative (a left shift); out-of-range values saturate and are counted.

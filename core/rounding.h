@@ -26,6 +26,11 @@ __extension__ typedef __int128 int128_t;
 __extension__ typedef unsigned __int128 uint128_t;
 
 inline std::int64_t shift_round_wide(std::int64_t v, int s, std::uint32_t r, bool stochastic) {
+  // |v| < 2^63, so every shift beyond 126 rounds exactly as 126 does (to 0,
+  // or for stochastic rounding of a negative v, to -1 or 0 by the top 32
+  // bits of the fraction, which are all ones): clamp to keep the 128-bit
+  // shifts defined.
+  if (s > 126) s = 126;
   const int128_t w = v;
   const int128_t q = w >> s;
   const uint128_t rem = static_cast<uint128_t>(w - (q << s));
@@ -81,7 +86,11 @@ inline int bit_length(std::uint64_t v) { return v == 0 ? 0 : 64 - __builtin_clzl
 inline int shift_for_max(std::uint64_t max_abs, std::int64_t qmax) {
   int s = bit_length(max_abs) - bit_length(static_cast<std::uint64_t>(qmax));
   if (s < 0) s = 0;
-  while (s < 64 && ((max_abs + ((std::uint64_t{1} << s) - 1)) >> s) > static_cast<std::uint64_t>(qmax)) ++s;
+  // ceil(max_abs / 2^s) without the overflow of max_abs + 2^s - 1.
+  auto ceil_shift = [&](int k) {
+    return k >= 64 ? std::uint64_t{max_abs != 0} : (max_abs >> k) + ((max_abs & ((std::uint64_t{1} << k) - 1)) != 0);
+  };
+  while (s < 64 && ceil_shift(s) > static_cast<std::uint64_t>(qmax)) ++s;
   return s;
 }
 

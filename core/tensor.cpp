@@ -25,7 +25,9 @@ static std::int64_t checked_numel(const Shape& shape) {
   std::int64_t n = 1;
   for (auto d : shape) {
     if (d < 0) throw std::invalid_argument("Tensor: negative dimension in shape " + shape_str(shape));
-    n *= d;
+    if (__builtin_mul_overflow(n, d, &n) || n > (std::int64_t{1} << 48)) {
+      throw std::invalid_argument("Tensor: shape " + shape_str(shape) + " has more than 2^48 elements");
+    }
   }
   return n;
 }

@@ -492,8 +492,8 @@ TEST(QuantizeStochastic, EveryBitWidthWithinOneStepAndOnTheRule) {
 // two-sided false-failure probability of 5.7e-7 per case for independent
 // uniform bits (normal approximation; every checked case has N p (1-p) >= 300).
 // Each copy sits at a different element index, so this is the mean over
-// independent index draws. Negative values are included: a sign-magnitude
-// rounding (NITI) would be biased there.
+// independent index draws. Negative values are included: NITI's rule (floor,
+// then a step of sign(x) = -1 for negatives) is biased there and fails this.
 TEST(QuantizeStochastic, UnbiasedInMean) {
   constexpr std::int64_t N = 30000;
   int c = 0, checked = 0;
@@ -622,14 +622,24 @@ TEST(QuantizeAt, MatchesReferenceEveryWidthBothModes) {
 // Exponents beyond the double range: 2^1100 overflows and 2^-1100 underflows
 // in double. The answer is still defined: nonzero inputs saturate at
 // e = -1100 and round to 0 at e = +1100, and 0 stays 0.
+//
+// Documents a bug for 32-bit storage: quantize_body (core/quantize.cpp) computes
+// y = x * ldexp(1.0, -e) = 0 * inf = NaN for x = 0 at e < -1074, and casts the
+// NaN to the storage type (undefined behaviour; GCC's UBSan does not check
+// float casts). On x86 that gives INT32_MIN, which int8/int16 storage happens
+// to truncate to 0 but int32 storage (Format::wide) keeps: mantissa -2^31,
+// outside [qmin, qmax].
 TEST(QuantizeAt, ExtremeExponents) {
   const std::vector<float> x = {0.0f, 1.0f, -1.0f, FLT_MAX, -std::numeric_limits<float>::denorm_min(), -0.0f};
   for (Rounding r : {Rounding::Nearest, Rounding::Stochastic}) {
+    for (const Format& f : {Format::fixed(8, r), Format::fixed(16, r), Format::wide(24, r)}) {
+      SCOPED_TRACE(f.name());
+      const Tensor lo = quantize_at(x, {6}, f, -1100, RngKey(1, 1));
+      EXPECT_EQ(lo.saturated(), 4);
+      const std::vector<std::int64_t> want_lo = {0, f.qmax(), -f.qmax(), f.qmax(), -f.qmax(), 0};
+      for (std::int64_t i = 0; i < 6; ++i) EXPECT_EQ(lo.mantissa(i), want_lo[static_cast<std::size_t>(i)]) << i;
+    }
     const Format f = Format::fixed(8, r);
-    const Tensor lo = quantize_at(x, {6}, f, -1100, RngKey(1, 1));
-    EXPECT_EQ(lo.saturated(), 4);
-    const std::vector<std::int64_t> want_lo = {0, 127, -127, 127, -127, 0};
-    for (std::int64_t i = 0; i < 6; ++i) EXPECT_EQ(lo.mantissa(i), want_lo[static_cast<std::size_t>(i)]) << i;
     const Tensor hi = quantize_at(x, {6}, f, 1100, RngKey(1, 1));
     EXPECT_EQ(hi.saturated(), 0);
     // Nearest: all 0. Stochastic: 0, or 1 for a positive input with probability 2^-32.
@@ -1095,8 +1105,8 @@ GroupCheck check_grouped(const Tensor& t, const std::vector<float>& x, RngKey ke
       mx = std::max(mx, static_cast<double>(x[static_cast<std::size_t>(i)]));
     }
     if (mx > mn) {
-      // The documented parameters: scale = (max - min) / qmax, zero = round(-min / scale).
-      EXPECT_EQ(static_cast<float>(s), static_cast<float>((mx - mn) / static_cast<double>(qmax))) << "group " << g;
+      // The documented parameters: scale = max((max - min) / qmax, FLT_MIN), zero = round(-min / scale).
+      EXPECT_EQ(static_cast<float>(s), std::max(static_cast<float>((mx - mn) / static_cast<double>(qmax)), std::numeric_limits<float>::min())) << "group " << g;
       EXPECT_EQ(z, std::clamp(static_cast<std::int64_t>(std::nearbyint(-mn / s)), std::int64_t{0}, qmax));
       // The code range covers [mn, mx] up to the slack above, and includes 0.
       EXPECT_LE(-static_cast<double>(z) * s, mn + s * (0.5 + kGroupSlack));

@@ -305,8 +305,9 @@ TEST(ShiftRoundStochastic, NeverMovesMoreThanOneStep) {
 // uniform bits the two-sided false-failure probability is 5.7e-7 per case
 // (normal approximation, valid since every case has N p (1-p) >= 1000), so
 // about 2e-5 over the cases below. The truncation for s > 32 biases p by less
-// than 2^-32, far below the tolerance. NITI's sign-magnitude rounding would
-// give mean -(fl' + p') for negatives, off by up to one step, and fail here.
+// than 2^-32, far below the tolerance. NITI's PstoShift takes the floor and
+// then steps by sign(v) = -1 for negatives, so its mean is fl - p' instead of
+// fl + p (up to a step too low); a kernel with that rule fails these cases.
 struct SrCase {
   std::int64_t v;
   int s;
