@@ -32,19 +32,23 @@ inline std::int64_t shift_to(std::int64_t v, int from, int to) {
 // vectorise. Preconditions as for shift_to; right shifts are at most 62.
 struct ExponentShift {
   int left = 0, right = 0;
+  std::uint64_t mask = 0, half = 0;  // of the right shift; both 0 when right == 0
   ExponentShift(int from, int to) {
     if (to <= from) {
       left = from - to;
     } else {
       right = std::min(to - from, 62);
+      mask = (std::uint64_t{1} << right) - 1;
+      half = std::uint64_t{1} << (right - 1);
     }
   }
+  // Branch-free: at most one of left and right is non-zero. With right == 0,
+  // rem = half = 0 and no rounding happens. (Left shifts of negative values
+  // are defined in C++20.)
   std::int64_t operator()(std::int64_t v) const {
-    if (right == 0) return static_cast<std::int64_t>(static_cast<std::uint64_t>(v) << left);
-    const std::int64_t q = v >> right;
-    const std::uint64_t rem = static_cast<std::uint64_t>(v) & ((std::uint64_t{1} << right) - 1);
-    const std::uint64_t half = std::uint64_t{1} << (right - 1);
-    return q + static_cast<std::int64_t>((rem > half) | ((rem == half) & static_cast<std::uint64_t>(q & 1)));
+    const std::int64_t q = (v << left) >> right;
+    const std::uint64_t rem = static_cast<std::uint64_t>(v) & mask;
+    return q + static_cast<std::int64_t>((rem > half) | ((rem == half) & (half != 0) & static_cast<std::uint64_t>(q & 1)));
   }
 };
 

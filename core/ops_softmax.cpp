@@ -28,6 +28,7 @@
 #include "core/ops.h"
 #include "core/parallel.h"
 #include "core/quantize.h"
+#include "core/simd.h"
 
 namespace intrain {
 
@@ -88,7 +89,66 @@ inline std::int64_t exp_arg(std::int64_t d, const ExpScale& s) {
   return prod * (std::int64_t{1} << -sh);
 }
 
+// The exp argument transform with its shifts decided once per tensor (see
+// exp_arg): d is pre-shifted by `pre`, clamped at -2^32, multiplied by M and
+// rounded (half up) by `sh` in [0, 30].
+struct ExpArgs {
+  std::int64_t M;
+  int pre, sh;
+  std::int64_t half;
+  explicit ExpArgs(const ExpScale& s)
+      : M(s.M), pre(std::max(0, s.shift - 30)), sh(std::clamp(s.shift, 0, 30)),
+        half(sh > 0 ? std::int64_t{1} << (sh - 1) : 0) {}
+  bool valid(const ExpScale& s) const { return s.shift >= 0; }  // else: scalar exp_arg
+};
+
+// Softmax of one row of n scores into Q30 probabilities (out[j], j < n), with
+// tmp as scratch. Branch-free inner loops; one division per row.
+template <class S>
+INTRAIN_INLINE void softmax_row_body(const S* s, std::int64_t n, const ExpArgs& ea, const std::int64_t* tab,
+                                     std::int64_t ln2_q30, std::int32_t* out, std::int64_t* tmp) {
+  constexpr std::int64_t kFloor = -(std::int64_t{32} << 16);
+  std::int64_t mx = s[0];
+  for (std::int64_t j = 1; j < n; ++j) mx = s[j] > mx ? static_cast<std::int64_t>(s[j]) : mx;
+  std::int64_t sum = 0;
+  for (std::int64_t j = 0; j < n; ++j) {
+    std::int64_t d = (static_cast<std::int64_t>(s[j]) - mx) >> ea.pre;
+    d = d < -(std::int64_t{1} << 32) ? -(std::int64_t{1} << 32) : d;
+    std::int64_t t = (d * ea.M + ea.half) >> ea.sh;
+    t = t < kFloor ? kFloor : t;
+    // 2^t, t <= 0 in Q16: -t = 2^16 q + 256 i + r.
+    const std::int64_t a = -t;
+    const std::int64_t q = a >> 16, i = (a >> 8) & 255, r = a & 255;
+    const std::int64_t y = (r * ln2_q30) >> 16;
+    const std::int64_t poly = (std::int64_t{1} << 30) - y + ((y * y) >> 31);
+    const std::int64_t v = (tab[i] * poly + (std::int64_t{1} << 29)) >> 30;  // Q30, <= 2^30
+    const std::int64_t e = (v + ((std::int64_t{1} << q) >> 1)) >> q;         // q <= 32
+    tmp[j] = e;
+    sum += e;
+  }
+  const std::int64_t inv = (std::int64_t{1} << 61) / sum;  // sum >= 2^30: the maximum gives 2^0
+  for (std::int64_t j = 0; j < n; ++j) out[j] = static_cast<std::int32_t>((tmp[j] * inv) >> 31);
+}
+
+INTRAIN_CLONES void softmax_rows(const std::int32_t* s, std::int64_t r0, std::int64_t r1, std::int64_t T,
+                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int64_t* tab,
+                                 std::int64_t ln2, std::int32_t* out, std::int64_t* tmp) {
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::int64_t n = causal ? r % T + 1 : width;
+    softmax_row_body(s + r * width, n, ea, tab, ln2, out + r * width, tmp);
+  }
+}
+INTRAIN_CLONES void softmax_rows(const std::int64_t* s, std::int64_t r0, std::int64_t r1, std::int64_t T,
+                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int64_t* tab,
+                                 std::int64_t ln2, std::int32_t* out, std::int64_t* tmp) {
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::int64_t n = causal ? r % T + 1 : width;
+    softmax_row_body(s + r * width, n, ea, tab, ln2, out + r * width, tmp);
+  }
+}
+
 // Softmax of one row of n integer scores into Q30 probabilities (p[j] for j >= n untouched).
+// The scalar reference for shifts the vector kernel does not cover.
 template <class S>
 inline void softmax_row_q30(const S* s, std::int64_t n, const ExpScale& sc, const Exp2Table& tb, std::int64_t* p) {
   std::int64_t mx = s[0];
@@ -140,11 +200,19 @@ Tensor causal_softmax_forward(const Tensor& scores, double scale, const Format& 
   }
   const Exp2Table& tb = exp2_table();
   const ExpScale sc = exp_scale(scale, scores.exponent());
-  Tensor p(scores.shape(), Format::accumulator(32), -30);
+  const ExpArgs ea(sc);
+  Tensor p(scores.shape(), Format::accumulator(32), -30);  // zero above the diagonal
   std::int32_t* o = p.data<std::int32_t>();
   visit_int(scores, [&](const auto* s) {
     for_chunks(BH * T, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
       std::vector<std::int64_t> row(static_cast<std::size_t>(T));
+      using S = std::remove_const_t<std::remove_pointer_t<decltype(s)>>;
+      if constexpr (sizeof(S) >= 4) {
+        if (ea.valid(sc)) {
+          softmax_rows(s, r0, r1, T, T, true, ea, tb.t.data(), tb.ln2_q30, o, row.data());
+          return;
+        }
+      }
       for (std::int64_t r = r0; r < r1; ++r) {
         const std::int64_t n = r % T + 1;
         softmax_row_q30(s + r * T, n, sc, tb, row.data());
@@ -152,7 +220,9 @@ Tensor causal_softmax_forward(const Tensor& scores, double scale, const Format& 
       }
     }, 64);
   });
-  return requantize(p, out, key);
+  // The first row of every head attends to one key: its probability is
+  // exactly 2^30, the largest possible, so the maximum is known.
+  return requantize_with_max(p, std::uint64_t{1} << 30, out, key);
 }
 
 Tensor causal_softmax_backward(const Tensor& dP, const Tensor& P, double scale, const Format& out, RngKey key) {
@@ -226,17 +296,27 @@ void check_targets(const std::int32_t* targets, std::int64_t R, std::int64_t V) 
 double cross_entropy_loss(const Tensor& logits, const std::int32_t* targets) {
   const std::int64_t V = logits.cols(), R = logits.numel() / V;
   check_targets(targets, R, V);
-  // Per-row log-sum-exp in double; rows summed in a fixed order.
+  // Per-row log-sum-exp in double, for reporting; rows summed in chunk order.
+  const double scale = logits.format().is_float() ? 1.0 : std::ldexp(1.0, logits.exponent());
   return reduce_chunks(
              R, 0.0,
              [&](std::int64_t r0, std::int64_t r1) {
+               std::vector<double> row(static_cast<std::size_t>(V));
                double s = 0.0;
                for (std::int64_t r = r0; r < r1; ++r) {
-                 double mx = -INFINITY;
-                 for (std::int64_t j = 0; j < V; ++j) mx = std::max(mx, logits.value(r * V + j));
+                 if (logits.format().is_float()) {
+                   const float* l = logits.data<float>() + r * V;
+                   for (std::int64_t j = 0; j < V; ++j) row[static_cast<std::size_t>(j)] = l[j];
+                 } else {
+                   visit_int(logits, [&](const auto* l) {
+                     for (std::int64_t j = 0; j < V; ++j)
+                       row[static_cast<std::size_t>(j)] = static_cast<double>(l[r * V + j]) * scale;
+                   });
+                 }
+                 const double mx = *std::max_element(row.begin(), row.end());
                  double z = 0.0;
-                 for (std::int64_t j = 0; j < V; ++j) z += std::exp(logits.value(r * V + j) - mx);
-                 s += mx + std::log(z) - logits.value(r * V + targets[r]);
+                 for (double v : row) z += std::exp(v - mx);
+                 s += mx + std::log(z) - row[static_cast<std::size_t>(targets[r])];
                }
                return s;
              },
@@ -270,6 +350,7 @@ CrossEntropy cross_entropy(const Tensor& logits, const std::int32_t* targets, co
   }
   const Exp2Table& tb = exp2_table();
   const ExpScale sc = exp_scale(1.0, logits.exponent());
+  const ExpArgs ea(sc);
   // grad = (p - onehot) * round(2^k / R) at exponent -30 - k, with k chosen
   // so the multiplier lies in [2^30, 2^31]: |p - onehot| <= 2^30 keeps the
   // product below 2^61.
@@ -277,17 +358,38 @@ CrossEntropy cross_entropy(const Tensor& logits, const std::int32_t* targets, co
   const std::int64_t inv_r = std::llround(std::ldexp(1.0, k) / static_cast<double>(R));
   Tensor acc = Tensor::uninitialized(logits.shape(), Format::accumulator(64), -30 - k);
   std::int64_t* o = acc.data<std::int64_t>();
+  std::vector<std::uint64_t> mx(static_cast<std::size_t>(num_chunks(R, 64)), 0);
   visit_int(logits, [&](const auto* l) {
-    for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
-      std::vector<std::int64_t> row(static_cast<std::size_t>(V));
+    for_chunks(R, [&](std::int64_t c, std::int64_t r0, std::int64_t r1) {
+      std::vector<std::int64_t> tmp(static_cast<std::size_t>(V));
+      std::vector<std::int32_t> p(static_cast<std::size_t>(V));
+      std::uint64_t m = 0;
       for (std::int64_t r = r0; r < r1; ++r) {
-        softmax_row_q30(l + r * V, V, sc, tb, row.data());
-        row[static_cast<std::size_t>(targets[r])] -= std::int64_t{1} << 30;
-        for (std::int64_t j = 0; j < V; ++j) o[r * V + j] = row[static_cast<std::size_t>(j)] * inv_r;
+        using S = std::remove_const_t<std::remove_pointer_t<decltype(l)>>;
+        bool done = false;
+        if constexpr (sizeof(S) >= 4) {
+          if (ea.valid(sc)) {
+            softmax_rows(l + r * V, 0, 1, 1, V, false, ea, tb.t.data(), tb.ln2_q30, p.data(), tmp.data());
+            done = true;
+          }
+        }
+        if (!done) {
+          softmax_row_q30(l + r * V, V, sc, tb, tmp.data());
+          for (std::int64_t j = 0; j < V; ++j) p[static_cast<std::size_t>(j)] = static_cast<std::int32_t>(tmp[static_cast<std::size_t>(j)]);
+        }
+        p[static_cast<std::size_t>(targets[r])] -= std::int32_t{1} << 30;
+        for (std::int64_t j = 0; j < V; ++j) {
+          const std::int64_t g = static_cast<std::int64_t>(p[static_cast<std::size_t>(j)]) * inv_r;
+          o[r * V + j] = g;
+          m = std::max(m, abs_u64(g));
+        }
       }
+      mx[static_cast<std::size_t>(c)] = m;
     }, 64);
   });
-  ce.grad = requantize(acc, grad_format, key);
+  std::uint64_t mxall = 0;
+  for (auto v : mx) mxall = std::max(mxall, v);
+  ce.grad = requantize_with_max(acc, mxall, grad_format, key);
   return ce;
 }
 
