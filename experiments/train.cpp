@@ -144,7 +144,12 @@ TrainResult run_train(const TrainOptions& o) {
     model.refresh_values(static_cast<std::uint64_t>(start), o.seed);
     if (fs::exists(metrics_path)) truncate_metrics(metrics_path, start);
   } else if (fs::exists(metrics_path) || fs::exists(state_path)) {
-    throw std::runtime_error(o.out.string() + " already holds a run: pass --resume to continue it, or choose another --out");
+    if (!o.overwrite) {
+      throw std::runtime_error(o.out.string() +
+                               " already holds a run: pass --resume to continue it, --overwrite to replace it, or "
+                               "choose another --out");
+    }
+    for (const fs::path& p : {metrics_path, state_path, model_path, summary_path}) fs::remove(p);
   }
   std::ofstream metrics(metrics_path, std::ios::app);
   if (start == 0) metrics << "step,train_loss,val_loss,lr,tokens_per_s,saturated_fraction\n";
