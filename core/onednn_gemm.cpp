@@ -7,6 +7,8 @@
 #include <string>
 #include <tuple>
 
+#include <omp.h>
+
 #include <oneapi/dnnl/dnnl.hpp>
 
 namespace intrain {
@@ -27,14 +29,17 @@ dnnl::memory::desc md(const GemmMatrix& m, std::int64_t batch, std::int64_t rows
                             dnnl::memory::dims{m.batch_stride, m.row_stride, m.col_stride});
 }
 
-using Key = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t,  // batch M K N
+// oneDNN fixes a primitive's threading when it is created, so the OpenMP
+// thread count is part of the key.
+using Key = std::tuple<int,                                                     // threads
+                       std::int64_t, std::int64_t, std::int64_t, std::int64_t,  // batch M K N
                        int, std::int64_t, std::int64_t, std::int64_t,           // a
                        int, std::int64_t, std::int64_t, std::int64_t,           // b
                        int, std::int64_t, std::int64_t, std::int64_t>;          // c
 
 Key key_of(const GemmDesc& d) {
   auto t = [](GemmType x) { return static_cast<int>(x); };
-  return {d.batch, d.M, d.K, d.N,
+  return {omp_get_max_threads(), d.batch, d.M, d.K, d.N,
           t(d.a.type), d.a.batch_stride, d.a.row_stride, d.a.col_stride,
           t(d.b.type), d.b.batch_stride, d.b.row_stride, d.b.col_stride,
           t(d.c.type), d.c.batch_stride, d.c.row_stride, d.c.col_stride};

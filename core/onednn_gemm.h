@@ -1,7 +1,8 @@
 // The one place intrain calls oneDNN: C = A · B for strided, optionally
 // batched matrices of int8/uint8 (-> int32) or float32 (-> float32).
 //
-// Primitives are cached per descriptor (shape, strides, types): creating a
+// Primitives are cached per descriptor (shape, strides, types) and OpenMP
+// thread count (oneDNN fixes a primitive's threading at creation): creating a
 // oneDNN matmul costs far more than running a small one. The cache is
 // thread-safe and lives for the whole process.
 //
