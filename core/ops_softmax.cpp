@@ -130,21 +130,24 @@ INTRAIN_INLINE void softmax_row_body(const S* s, std::int64_t n, const ExpArgs& 
   for (std::int64_t j = 0; j < n; ++j) out[j] = static_cast<std::int32_t>((tmp[j] * inv) >> 31);
 }
 
-INTRAIN_CLONES void softmax_rows(const std::int32_t* s, std::int64_t r0, std::int64_t r1, std::int64_t T,
-                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int64_t* tab,
-                                 std::int64_t ln2, std::int32_t* out, std::int64_t* tmp) {
+template <class S>
+INTRAIN_INLINE void softmax_rows_body(const S* s, std::int64_t r0, std::int64_t r1, std::int64_t T, std::int64_t width,
+                                      bool causal, const ExpArgs& ea, const std::int64_t* tab, std::int64_t ln2,
+                                      std::int32_t* out, std::int64_t* tmp) {
   for (std::int64_t r = r0; r < r1; ++r) {
     const std::int64_t n = causal ? r % T + 1 : width;
     softmax_row_body(s + r * width, n, ea, tab, ln2, out + r * width, tmp);
   }
 }
+INTRAIN_CLONES void softmax_rows(const std::int32_t* s, std::int64_t r0, std::int64_t r1, std::int64_t T,
+                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int64_t* tab,
+                                 std::int64_t ln2, std::int32_t* out, std::int64_t* tmp) {
+  softmax_rows_body(s, r0, r1, T, width, causal, ea, tab, ln2, out, tmp);
+}
 INTRAIN_CLONES void softmax_rows(const std::int64_t* s, std::int64_t r0, std::int64_t r1, std::int64_t T,
                                  std::int64_t width, bool causal, const ExpArgs& ea, const std::int64_t* tab,
                                  std::int64_t ln2, std::int32_t* out, std::int64_t* tmp) {
-  for (std::int64_t r = r0; r < r1; ++r) {
-    const std::int64_t n = causal ? r % T + 1 : width;
-    softmax_row_body(s + r * width, n, ea, tab, ln2, out + r * width, tmp);
-  }
+  softmax_rows_body(s, r0, r1, T, width, causal, ea, tab, ln2, out, tmp);
 }
 
 // Softmax of one row of n integer scores into Q30 probabilities (p[j] for j >= n untouched).

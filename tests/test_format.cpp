@@ -3,6 +3,8 @@
 // Tensor's shape rules, typed access, deep copies and description.
 #include <gtest/gtest.h>
 
+#include "test_support.h"
+
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -16,23 +18,6 @@
 namespace intrain {
 namespace {
 
-// Runs f, expects it to throw E, and returns the message (empty on failure).
-template <class E, class F>
-std::string thrown_message(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw the wrong exception type: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "did not throw";
-  return {};
-}
-
-#define EXPECT_MESSAGE_HAS(msg, needle) \
-  EXPECT_NE(std::string(msg).find(needle), std::string::npos) << "message: '" << (msg) << "' lacks '" << (needle) << "'"
 
 // 2^k computed by repeated doubling, independently of the shifts in format.cpp.
 std::int64_t pow2(int k) {
@@ -144,10 +129,10 @@ TEST(FormatFixed, StorageIsTheSmallestThatHoldsTheRange) {
 
 TEST(FormatFixed, BitsOutOfRangeThrowWithTheValue) {
   for (int bad : {1, 17, 0, -3, 32, 64, std::numeric_limits<int>::min()}) {
-    const std::string msg = thrown_message<std::invalid_argument>([&] { (void)Format::fixed(bad); });
+    const std::string msg = testing::thrown_message<std::invalid_argument>([&] { (void)Format::fixed(bad); });
     EXPECT_MESSAGE_HAS(msg, "bits = " + std::to_string(bad));
     // Unsigned and stochastic variants go through the same check.
-    thrown_message<std::invalid_argument>([&] { (void)Format::fixed(bad, Rounding::Stochastic, false); });
+    testing::thrown_message<std::invalid_argument>([&] { (void)Format::fixed(bad, Rounding::Stochastic, false); });
   }
 }
 
@@ -167,7 +152,7 @@ TEST(FormatWide, SeventeenToThirtyOneBits) {
     EXPECT_NE(f, Format::accumulator(32));
   }
   for (int bad : {16, 32, 0, -3, 64}) {
-    const std::string msg = thrown_message<std::invalid_argument>([&] { (void)Format::wide(bad); });
+    const std::string msg = testing::thrown_message<std::invalid_argument>([&] { (void)Format::wide(bad); });
     EXPECT_MESSAGE_HAS(msg, "bits = " + std::to_string(bad));
   }
 }
@@ -195,11 +180,11 @@ TEST(FormatGrouped, RangeStorageAndNames) {
 
 TEST(FormatGrouped, OutOfRangeThrowsWithTheValue) {
   for (int bad : {1, 0, -3, 9, 16, 17}) {
-    const std::string msg = thrown_message<std::invalid_argument>([&] { (void)Format::grouped(bad, 64); });
+    const std::string msg = testing::thrown_message<std::invalid_argument>([&] { (void)Format::grouped(bad, 64); });
     EXPECT_MESSAGE_HAS(msg, "bits = " + std::to_string(bad));
   }
   for (int bad : {0, -1, -128}) {
-    const std::string msg = thrown_message<std::invalid_argument>([&] { (void)Format::grouped(4, bad); });
+    const std::string msg = testing::thrown_message<std::invalid_argument>([&] { (void)Format::grouped(4, bad); });
     EXPECT_MESSAGE_HAS(msg, "group size " + std::to_string(bad));
   }
 }
@@ -217,7 +202,7 @@ TEST(FormatAccumulator, ThirtyTwoAndSixtyFourBits) {
   EXPECT_TRUE(a32.is_signed());
   EXPECT_EQ(a32.scaling(), Scaling::SharedExponent);
   for (int bad : {8, 16, 31, 33, 0, -32, 128}) {
-    const std::string msg = thrown_message<std::invalid_argument>([&] { (void)Format::accumulator(bad); });
+    const std::string msg = testing::thrown_message<std::invalid_argument>([&] { (void)Format::accumulator(bad); });
     EXPECT_MESSAGE_HAS(msg, "bits = " + std::to_string(bad));
   }
 }
@@ -263,7 +248,7 @@ TEST(Rounding, ParseAndName) {
 TEST(Rounding, ParseErrorsNameTheInput) {
   // The documented spellings are exact: anything else is an error.
   for (const std::string bad : {"", "round", "nearest ", " sr", "Nearest", "SR", "stoch", "r"}) {
-    const std::string msg = thrown_message<std::invalid_argument>([&] { (void)parse_rounding(bad); });
+    const std::string msg = testing::thrown_message<std::invalid_argument>([&] { (void)parse_rounding(bad); });
     EXPECT_MESSAGE_HAS(msg, "'" + bad + "'");
   }
 }
@@ -286,9 +271,9 @@ TEST(DTypeInfo, SizesAndNames) {
 // ---------------------------------------------------------------------------
 
 TEST(TensorShape, RankMustBeOneToThree) {
-  const std::string m0 = thrown_message<std::invalid_argument>([] { Tensor t(Shape{}, Format::fixed(8)); });
+  const std::string m0 = testing::thrown_message<std::invalid_argument>([] { Tensor t(Shape{}, Format::fixed(8)); });
   EXPECT_MESSAGE_HAS(m0, "rank 0");
-  const std::string m4 = thrown_message<std::invalid_argument>([] { Tensor t({2, 3, 4, 5}, Format::fixed(8)); });
+  const std::string m4 = testing::thrown_message<std::invalid_argument>([] { Tensor t({2, 3, 4, 5}, Format::fixed(8)); });
   EXPECT_MESSAGE_HAS(m4, "rank 4");
   EXPECT_MESSAGE_HAS(m4, "[2,3,4,5]");
   for (const Shape& ok : {Shape{5}, Shape{2, 3}, Shape{2, 3, 4}}) {
@@ -299,7 +284,7 @@ TEST(TensorShape, RankMustBeOneToThree) {
 
 TEST(TensorShape, NegativeDimensionsThrow) {
   for (const Shape& bad : {Shape{-1}, Shape{3, -1}, Shape{-2, 4}, Shape{1, 2, -3}}) {
-    const std::string msg = thrown_message<std::invalid_argument>([&] { Tensor t(bad, Format::fixed(8)); });
+    const std::string msg = testing::thrown_message<std::invalid_argument>([&] { Tensor t(bad, Format::fixed(8)); });
     EXPECT_MESSAGE_HAS(msg, "negative");
     EXPECT_MESSAGE_HAS(msg, shape_str(bad));
   }
@@ -357,7 +342,7 @@ TEST(TensorShape, NewTensorIsZeroFilledWithItsExponent) {
 }
 
 TEST(TensorShape, GroupedLastDimMustBeMultipleOfGroupSize) {
-  const std::string msg = thrown_message<std::invalid_argument>([] { Tensor t({4, 100}, Format::grouped(4, 32)); });
+  const std::string msg = testing::thrown_message<std::invalid_argument>([] { Tensor t({4, 100}, Format::grouped(4, 32)); });
   EXPECT_MESSAGE_HAS(msg, "100");
   EXPECT_MESSAGE_HAS(msg, "32");
   EXPECT_THROW(Tensor t({2, 16}, Format::grouped(4, 32)), std::invalid_argument);  // group wider than a row
@@ -370,7 +355,7 @@ TEST(TensorShape, GroupedLastDimMustBeMultipleOfGroupSize) {
 
 TEST(TensorReshape, ElementCountMismatchMessage) {
   Tensor t({2, 3}, Format::fixed(8));
-  const std::string msg = thrown_message<std::invalid_argument>([&] { t.reshape({4, 2}); });
+  const std::string msg = testing::thrown_message<std::invalid_argument>([&] { t.reshape({4, 2}); });
   EXPECT_EQ(msg, "Tensor::reshape: [2,3] has 6 elements, [4,2] has 8");
   EXPECT_EQ(t.shape(), (Shape{2, 3}));  // unchanged after the failed reshape
   EXPECT_THROW(t.reshape({1, 1, 2, 3}), std::invalid_argument);
@@ -394,7 +379,7 @@ TEST(TensorData, WrongTypeThrowsLogicError) {
   const Tensor& c8 = t8;
   EXPECT_NO_THROW((void)t8.data<std::int8_t>());
   EXPECT_NO_THROW((void)c8.data<std::int8_t>());
-  const std::string msg = thrown_message<std::logic_error>([&] { (void)t8.data<std::int16_t>(); });
+  const std::string msg = testing::thrown_message<std::logic_error>([&] { (void)t8.data<std::int16_t>(); });
   EXPECT_MESSAGE_HAS(msg, "int16");
   EXPECT_MESSAGE_HAS(msg, t8.describe());
   EXPECT_THROW((void)c8.data<std::int32_t>(), std::logic_error);

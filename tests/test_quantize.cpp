@@ -37,23 +37,6 @@ using boost::multiprecision::cpp_int;
 
 constexpr double k2p32 = 4294967296.0;  // 2^32
 
-// Runs f, expects it to throw E, and returns the message (empty on failure).
-template <class E, class F>
-std::string thrown_message(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw the wrong exception type: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "did not throw";
-  return {};
-}
-
-#define EXPECT_MESSAGE_HAS(msg, needle) \
-  EXPECT_NE(std::string(msg).find(needle), std::string::npos) << "message: '" << (msg) << "' lacks '" << (needle) << "'"
 
 // Sets the OpenMP thread count for a scope and restores it afterwards.
 class ThreadCount {
@@ -241,7 +224,7 @@ TEST(MaxAbs, ExactAndNamesTheFirstNonFinite) {
   EXPECT_EQ(max_abs(std::vector<float>{}), 0.0f);
   x[45000] = std::numeric_limits<float>::quiet_NaN();
   x[30000] = -std::numeric_limits<float>::infinity();
-  const std::string msg = thrown_message<std::domain_error>([&] { (void)max_abs(x); });
+  const std::string msg = testing::thrown_message<std::domain_error>([&] { (void)max_abs(x); });
   EXPECT_MESSAGE_HAS(msg, "element 30000 ");
   EXPECT_MESSAGE_HAS(msg, "2 non-finite");
 }
@@ -391,21 +374,21 @@ TEST(Quantize, NonFiniteInputThrowsNamingThePosition) {
     x[c.pos] = c.bad;
     const Shape shape = {static_cast<std::int64_t>(c.n) / 32, 32};
     const std::string at = "element " + std::to_string(c.pos) + " ";
-    const std::string m1 = thrown_message<std::domain_error>([&] { (void)quantize(x, shape, Format::fixed(8)); });
+    const std::string m1 = testing::thrown_message<std::domain_error>([&] { (void)quantize(x, shape, Format::fixed(8)); });
     EXPECT_MESSAGE_HAS(m1, at);
-    const std::string m2 = thrown_message<std::domain_error>(
+    const std::string m2 = testing::thrown_message<std::domain_error>(
         [&] { (void)quantize(x, shape, Format::fixed(12, Rounding::Stochastic), RngKey(1, 2)); });
     EXPECT_MESSAGE_HAS(m2, at);
-    const std::string m3 = thrown_message<std::domain_error>([&] { (void)quantize_at(x, shape, Format::fixed(8), 0); });
+    const std::string m3 = testing::thrown_message<std::domain_error>([&] { (void)quantize_at(x, shape, Format::fixed(8), 0); });
     EXPECT_MESSAGE_HAS(m3, at);
-    const std::string m4 = thrown_message<std::domain_error>([&] { (void)quantize(x, shape, Format::grouped(4, 32)); });
+    const std::string m4 = testing::thrown_message<std::domain_error>([&] { (void)quantize(x, shape, Format::grouped(4, 32)); });
     EXPECT_MESSAGE_HAS(m4, at);
   }
 }
 
 TEST(Quantize, ArgumentErrors) {
   const std::vector<float> x(12, 1.0f);
-  const std::string m = thrown_message<std::invalid_argument>([&] { (void)quantize(x, {5, 2}, Format::fixed(8)); });
+  const std::string m = testing::thrown_message<std::invalid_argument>([&] { (void)quantize(x, {5, 2}, Format::fixed(8)); });
   EXPECT_MESSAGE_HAS(m, "[5,2]");
   EXPECT_MESSAGE_HAS(m, "12");
   EXPECT_THROW((void)quantize_at(x, {13}, Format::fixed(8), 0), std::invalid_argument);
@@ -437,7 +420,7 @@ TEST(Dequantize, AccumulatorsAndSizeCheck) {
   const Tensor b = make_int({2}, Format::accumulator(64), {std::int64_t{1} << 50, -(std::int64_t{3} << 40)}, -50);
   EXPECT_EQ(dequantize(b), (std::vector<float>{1.0f, -3.0f / 1024.0f}));
   std::vector<float> wrong(3);
-  const std::string m = thrown_message<std::invalid_argument>([&] { dequantize_into(a, wrong); });
+  const std::string m = testing::thrown_message<std::invalid_argument>([&] { dequantize_into(a, wrong); });
   EXPECT_MESSAGE_HAS(m, a.describe());
 }
 
@@ -941,13 +924,13 @@ TEST(Requantize, RejectsFormatsThatAreNotFixedPoint) {
   EXPECT_THROW((void)requantize_at(acc, Format::fp32(), 0), std::invalid_argument);
   EXPECT_THROW((void)requantize_at(acc, Format::accumulator(64), 0), std::invalid_argument);
   const Tensor fl({4}, Format::fp32());
-  const std::string m1 = thrown_message<std::invalid_argument>([&] { (void)requantize_at(fl, Format::fixed(8), 0); });
+  const std::string m1 = testing::thrown_message<std::invalid_argument>([&] { (void)requantize_at(fl, Format::fixed(8), 0); });
   EXPECT_MESSAGE_HAS(m1, fl.describe());
   // requantize (automatic shift) must reject a float input the same way.
   // Documents a minor inconsistency: requantize (core/quantize.cpp) computes
   // max_abs_mantissa(acc) before requantize_at checks the input, so a float
   // input throws std::logic_error "Tensor: asked for int32 data of fp32[4]".
-  const std::string m2 = thrown_message<std::invalid_argument>([&] { (void)requantize(fl, Format::fixed(8)); });
+  const std::string m2 = testing::thrown_message<std::invalid_argument>([&] { (void)requantize(fl, Format::fixed(8)); });
   EXPECT_MESSAGE_HAS(m2, fl.describe());
 }
 
@@ -1212,7 +1195,7 @@ TEST(GroupedNearest, SpecialGroups) {
 
 TEST(GroupedNearest, LastDimNotAMultipleOfTheGroupThrows) {
   const std::vector<float> x(300, 1.0f);
-  const std::string m = thrown_message<std::invalid_argument>([&] {
+  const std::string m = testing::thrown_message<std::invalid_argument>([&] {
     (void)quantize(x, {3, 100}, Format::grouped(4, 32));
   });
   EXPECT_MESSAGE_HAS(m, "100");

@@ -2,7 +2,11 @@
 #pragma once
 
 #include <cstdint>
+#include <gtest/gtest.h>
+
 #include <random>
+#include <stdexcept>
+#include <string>
 
 #include "core/tensor.h"
 
@@ -35,5 +39,23 @@ inline Tensor random_int(Shape shape, const Format& f, std::uint64_t seed, Fill 
   });
   return t;
 }
+
+// Runs f, expects it to throw E, and returns the message (empty on failure).
+template <class E, class F>
+std::string thrown_message(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "threw the wrong exception type: " << e.what();
+    return {};
+  }
+  ADD_FAILURE() << "did not throw";
+  return {};
+}
+
+#define EXPECT_MESSAGE_HAS(msg, needle) \
+  EXPECT_NE(std::string(msg).find(needle), std::string::npos) << "message: '" << (msg) << "' lacks '" << (needle) << "'"
 
 }  // namespace intrain::testing
