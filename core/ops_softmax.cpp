@@ -38,10 +38,11 @@ constexpr double kLog2E = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
 struct Exp2Table {
-  std::array<std::int64_t, 256> t{};
+  std::array<std::int32_t, 256> t{};  // Q30, <= 2^30
   std::int64_t ln2_q30 = 0;
   Exp2Table() {
-    for (int i = 0; i < 256; ++i) t[static_cast<std::size_t>(i)] = std::llround(std::ldexp(std::exp2(-i / 256.0), 30));
+    for (int i = 0; i < 256; ++i)
+      t[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(std::llround(std::ldexp(std::exp2(-i / 256.0), 30)));
     ln2_q30 = std::llround(std::ldexp(kLn2, 30));
   }
 };
@@ -105,24 +106,28 @@ struct ExpArgs {
 // Softmax of one row of n scores into Q30 probabilities (out[j], j < n), with
 // tmp as scratch. Branch-free inner loops; one division per row.
 template <class S>
-INTRAIN_INLINE void softmax_row_body(const S* s, std::int64_t n, const ExpArgs& ea, const std::int64_t* tab,
-                                     std::int64_t ln2_q30, std::int32_t* out, std::int64_t* tmp) {
+INTRAIN_INLINE void softmax_row_body(const S* __restrict s, std::int64_t n, const ExpArgs& ea,
+                                     const std::int32_t* __restrict tab, std::int64_t ln2_q30,
+                                     std::int32_t* __restrict out, std::int64_t* __restrict tmp) {
   constexpr std::int64_t kFloor = -(std::int64_t{32} << 16);
+  const std::int64_t M = ea.M, half = ea.half;  // locals: no reloads through ea in the loop
+  const int pre = ea.pre, sh = ea.sh;
   std::int64_t mx = s[0];
   for (std::int64_t j = 1; j < n; ++j) mx = s[j] > mx ? static_cast<std::int64_t>(s[j]) : mx;
   std::int64_t sum = 0;
   for (std::int64_t j = 0; j < n; ++j) {
-    std::int64_t d = (static_cast<std::int64_t>(s[j]) - mx) >> ea.pre;
+    std::int64_t d = (static_cast<std::int64_t>(s[j]) - mx) >> pre;
     d = d < -(std::int64_t{1} << 32) ? -(std::int64_t{1} << 32) : d;
-    std::int64_t t = (d * ea.M + ea.half) >> ea.sh;
+    std::int64_t t = (d * M + half) >> sh;
     t = t < kFloor ? kFloor : t;
     // 2^t, t <= 0 in Q16: -t = 2^16 q + 256 i + r.
     const std::int64_t a = -t;
-    const std::int64_t q = a >> 16, i = (a >> 8) & 255, r = a & 255;
+    const std::int64_t q = a >> 16, r = a & 255;
+    const std::int32_t i = static_cast<std::int32_t>((a >> 8) & 255);
     const std::int64_t y = (r * ln2_q30) >> 16;
     const std::int64_t poly = (std::int64_t{1} << 30) - y + ((y * y) >> 31);
-    const std::int64_t v = (tab[i] * poly + (std::int64_t{1} << 29)) >> 30;  // Q30, <= 2^30
-    const std::int64_t e = (v + ((std::int64_t{1} << q) >> 1)) >> q;         // q <= 32
+    const std::int64_t v = (static_cast<std::int64_t>(tab[i]) * poly + (std::int64_t{1} << 29)) >> 30;  // Q30
+    const std::int64_t e = (v + ((std::int64_t{1} << q) >> 1)) >> q;                                   // q <= 32
     tmp[j] = e;
     sum += e;
   }
@@ -132,7 +137,7 @@ INTRAIN_INLINE void softmax_row_body(const S* s, std::int64_t n, const ExpArgs& 
 
 template <class S>
 INTRAIN_INLINE void softmax_rows_body(const S* s, std::int64_t r0, std::int64_t r1, std::int64_t T, std::int64_t width,
-                                      bool causal, const ExpArgs& ea, const std::int64_t* tab, std::int64_t ln2,
+                                      bool causal, const ExpArgs& ea, const std::int32_t* tab, std::int64_t ln2,
                                       std::int32_t* out, std::int64_t* tmp) {
   for (std::int64_t r = r0; r < r1; ++r) {
     const std::int64_t n = causal ? r % T + 1 : width;
@@ -140,12 +145,12 @@ INTRAIN_INLINE void softmax_rows_body(const S* s, std::int64_t r0, std::int64_t 
   }
 }
 INTRAIN_CLONES void softmax_rows(const std::int32_t* s, std::int64_t r0, std::int64_t r1, std::int64_t T,
-                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int64_t* tab,
+                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int32_t* tab,
                                  std::int64_t ln2, std::int32_t* out, std::int64_t* tmp) {
   softmax_rows_body(s, r0, r1, T, width, causal, ea, tab, ln2, out, tmp);
 }
 INTRAIN_CLONES void softmax_rows(const std::int64_t* s, std::int64_t r0, std::int64_t r1, std::int64_t T,
-                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int64_t* tab,
+                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int32_t* tab,
                                  std::int64_t ln2, std::int32_t* out, std::int64_t* tmp) {
   softmax_rows_body(s, r0, r1, T, width, causal, ea, tab, ln2, out, tmp);
 }
