@@ -4,10 +4,9 @@
 // Integer exp. For d = s - max(s) <= 0 at exponent e and a real factor c
 // (1/sqrt(d_head) for attention, 1 for the loss), t = d * 2^e * c * log2(e)
 // is formed in Q16 with one multiply by the constant M = round(c log2(e) 2^30)
-// and a shift. Then 2^t = 2^-q * 2^-(i/256) * 2^-(r/2^16) with
-// -t = 2^16 q + 256 i + r: a 256-entry Q30 table for the middle factor and
-// 1 - y + y^2/2 (y = r ln2 / 2^16 < 0.0027, error < 3.3e-9) for the last.
-// Every value is an integer in (0, 2^30]; t < -31 gives 0.
+// and a shift. Then 2^t = 2^-q * 2^-f with -t = 2^16 q + 2^16 f: a shift by
+// q and a degree-7 polynomial for 2^-f (error ~6e-9, see Exp2Poly). Every
+// value is an integer in (0, 2^30]; t < -31 gives 0.
 //
 // Softmax. p_j = e_j / sum_k e_k, with one division per row:
 // inv = floor(2^61 / sum) and p_j = (e_j * inv) >> 31 in Q30 (the sum is at
@@ -37,18 +36,42 @@ namespace {
 constexpr double kLog2E = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
-struct Exp2Table {
-  std::array<std::int32_t, 256> t{};  // Q30, <= 2^30
-  std::int64_t ln2_q30 = 0;
-  Exp2Table() {
-    for (int i = 0; i < 256; ++i)
-      t[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(std::llround(std::ldexp(std::exp2(-i / 256.0), 30)));
-    ln2_q30 = std::llround(std::ldexp(kLn2, 30));
+// 2^-f for a Q16 fraction f in [0, 1), in Q30: a degree-7 Taylor polynomial
+// around f = 1/2, 2^-f = 2^-1/2 * sum_k (-(f - 1/2) ln 2)^k / k!, evaluated
+// by Horner in integers (x = f - 1/2 in Q16, |x| <= 2^15). Truncation error
+// (0.35)^8 / 8! < 5.3e-9, rounding ~7 * 2^-30: about 6e-9 in all. No table,
+// so the loop needs no gathers and vectorises.
+struct Exp2Poly {
+  std::array<std::int64_t, 8> c{};  // Q30
+  Exp2Poly() {
+    double term = 1.0 / std::sqrt(2.0);
+    for (int k = 0; k < 8; ++k) {
+      c[static_cast<std::size_t>(k)] = std::llround(std::ldexp(term, 30));
+      term *= -kLn2 / (k + 1);
+    }
   }
 };
-const Exp2Table& exp2_table() {
-  static const Exp2Table t;
-  return t;
+const Exp2Poly& exp2_poly() {
+  static const Exp2Poly p;
+  return p;
+}
+
+// 2^(t / 2^16) in Q30 for t <= 0 (t in Q16); 0 below -31.
+INTRAIN_INLINE std::int64_t exp2_q30_poly(std::int64_t t, const std::int64_t* c) {
+  const std::int64_t a = -t;
+  const std::int64_t q = a >> 16;
+  const std::int64_t u = (a & 0xFFFF) - (std::int64_t{1} << 15);  // f - 1/2 in Q16, where 2^t = 2^-q 2^-f
+  // Horner, written out so the element loop around it vectorises.
+  std::int64_t acc = c[7];
+  acc = c[6] + ((acc * u) >> 16);
+  acc = c[5] + ((acc * u) >> 16);
+  acc = c[4] + ((acc * u) >> 16);
+  acc = c[3] + ((acc * u) >> 16);
+  acc = c[2] + ((acc * u) >> 16);
+  acc = c[1] + ((acc * u) >> 16);
+  acc = c[0] + ((acc * u) >> 16);
+  const std::int64_t qc = q > 40 ? 40 : q;  // 2^-40 * 2^30 rounds to 0, as any larger shift
+  return (acc + ((std::int64_t{1} << qc) >> 1)) >> qc;
 }
 
 // The multiplier that turns a score difference at exponent e into Q16 log2
@@ -60,16 +83,7 @@ struct ExpScale {
 ExpScale exp_scale(double c, int e) { return {std::llround(std::ldexp(c * kLog2E, 30)), 14 - e}; }
 
 // 2^(t / 2^16) in Q30 for t <= 0 (t in Q16).
-inline std::int64_t exp2_q30(std::int64_t t, const Exp2Table& tb) {
-  const std::int64_t a = -t;
-  const std::int64_t q = a >> 16;
-  if (q >= 31) return 0;
-  const std::int64_t i = (a >> 8) & 255, r = a & 255;
-  const std::int64_t y = (r * tb.ln2_q30) >> 16;                          // Q30, < 2^22
-  const std::int64_t poly = (std::int64_t{1} << 30) - y + ((y * y) >> 31);  // Q30
-  const std::int64_t v = shift_round_nearest(tb.t[static_cast<std::size_t>(i)] * poly, 30);
-  return shift_round_nearest(v, static_cast<int>(q));
-}
+inline std::int64_t exp2_q30(std::int64_t t) { return exp2_q30_poly(t, exp2_poly().c.data()); }
 
 // The log2-domain argument in Q16 for a difference d <= 0, clamped at -32.
 // t = d * M / 2^shift. When the shift exceeds 30, d is first brought down by
@@ -107,8 +121,8 @@ struct ExpArgs {
 // tmp as scratch. Branch-free inner loops; one division per row.
 template <class S>
 INTRAIN_INLINE void softmax_row_body(const S* __restrict s, std::int64_t n, const ExpArgs& ea,
-                                     const std::int32_t* __restrict tab, std::int64_t ln2_q30,
-                                     std::int32_t* __restrict out, std::int64_t* __restrict tmp) {
+                                     const std::int64_t* __restrict c, std::int32_t* __restrict out,
+                                     std::int64_t* __restrict tmp) {
   constexpr std::int64_t kFloor = -(std::int64_t{32} << 16);
   const std::int64_t M = ea.M, half = ea.half;  // locals: no reloads through ea in the loop
   const int pre = ea.pre, sh = ea.sh;
@@ -120,14 +134,7 @@ INTRAIN_INLINE void softmax_row_body(const S* __restrict s, std::int64_t n, cons
     d = d < -(std::int64_t{1} << 32) ? -(std::int64_t{1} << 32) : d;
     std::int64_t t = (d * M + half) >> sh;
     t = t < kFloor ? kFloor : t;
-    // 2^t, t <= 0 in Q16: -t = 2^16 q + 256 i + r.
-    const std::int64_t a = -t;
-    const std::int64_t q = a >> 16, r = a & 255;
-    const std::int32_t i = static_cast<std::int32_t>((a >> 8) & 255);
-    const std::int64_t y = (r * ln2_q30) >> 16;
-    const std::int64_t poly = (std::int64_t{1} << 30) - y + ((y * y) >> 31);
-    const std::int64_t v = (static_cast<std::int64_t>(tab[i]) * poly + (std::int64_t{1} << 29)) >> 30;  // Q30
-    const std::int64_t e = (v + ((std::int64_t{1} << q) >> 1)) >> q;                                   // q <= 32
+    const std::int64_t e = exp2_q30_poly(t, c);
     tmp[j] = e;
     sum += e;
   }
@@ -137,33 +144,33 @@ INTRAIN_INLINE void softmax_row_body(const S* __restrict s, std::int64_t n, cons
 
 template <class S>
 INTRAIN_INLINE void softmax_rows_body(const S* s, std::int64_t r0, std::int64_t r1, std::int64_t T, std::int64_t width,
-                                      bool causal, const ExpArgs& ea, const std::int32_t* tab, std::int64_t ln2,
-                                      std::int32_t* out, std::int64_t* tmp) {
+                                      bool causal, const ExpArgs& ea, const std::int64_t* c, std::int32_t* out,
+                                      std::int64_t* tmp) {
   for (std::int64_t r = r0; r < r1; ++r) {
     const std::int64_t n = causal ? r % T + 1 : width;
-    softmax_row_body(s + r * width, n, ea, tab, ln2, out + r * width, tmp);
+    softmax_row_body(s + r * width, n, ea, c, out + r * width, tmp);
   }
 }
 INTRAIN_CLONES void softmax_rows(const std::int32_t* s, std::int64_t r0, std::int64_t r1, std::int64_t T,
-                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int32_t* tab,
-                                 std::int64_t ln2, std::int32_t* out, std::int64_t* tmp) {
-  softmax_rows_body(s, r0, r1, T, width, causal, ea, tab, ln2, out, tmp);
+                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int64_t* c,
+                                 std::int32_t* out, std::int64_t* tmp) {
+  softmax_rows_body(s, r0, r1, T, width, causal, ea, c, out, tmp);
 }
 INTRAIN_CLONES void softmax_rows(const std::int64_t* s, std::int64_t r0, std::int64_t r1, std::int64_t T,
-                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int32_t* tab,
-                                 std::int64_t ln2, std::int32_t* out, std::int64_t* tmp) {
-  softmax_rows_body(s, r0, r1, T, width, causal, ea, tab, ln2, out, tmp);
+                                 std::int64_t width, bool causal, const ExpArgs& ea, const std::int64_t* c,
+                                 std::int32_t* out, std::int64_t* tmp) {
+  softmax_rows_body(s, r0, r1, T, width, causal, ea, c, out, tmp);
 }
 
 // Softmax of one row of n integer scores into Q30 probabilities (p[j] for j >= n untouched).
 // The scalar reference for shifts the vector kernel does not cover.
 template <class S>
-inline void softmax_row_q30(const S* s, std::int64_t n, const ExpScale& sc, const Exp2Table& tb, std::int64_t* p) {
+inline void softmax_row_q30(const S* s, std::int64_t n, const ExpScale& sc, std::int64_t* p) {
   std::int64_t mx = s[0];
   for (std::int64_t j = 1; j < n; ++j) mx = std::max<std::int64_t>(mx, s[j]);
   std::int64_t sum = 0;
   for (std::int64_t j = 0; j < n; ++j) {
-    p[j] = exp2_q30(exp_arg(static_cast<std::int64_t>(s[j]) - mx, sc), tb);
+    p[j] = exp2_q30(exp_arg(static_cast<std::int64_t>(s[j]) - mx, sc));
     sum += p[j];
   }
   const std::int64_t inv = (std::int64_t{1} << 61) / sum;
@@ -206,7 +213,7 @@ Tensor causal_softmax_forward(const Tensor& scores, double scale, const Format& 
     }, 64);
     return cast(p, out, key);
   }
-  const Exp2Table& tb = exp2_table();
+  const std::int64_t* poly = exp2_poly().c.data();
   const ExpScale sc = exp_scale(scale, scores.exponent());
   const ExpArgs ea(sc);
   Tensor p(scores.shape(), Format::accumulator(32), -30);  // zero above the diagonal
@@ -217,13 +224,13 @@ Tensor causal_softmax_forward(const Tensor& scores, double scale, const Format& 
       using S = std::remove_const_t<std::remove_pointer_t<decltype(s)>>;
       if constexpr (sizeof(S) >= 4) {
         if (ea.valid(sc)) {
-          softmax_rows(s, r0, r1, T, T, true, ea, tb.t.data(), tb.ln2_q30, o, row.data());
+          softmax_rows(s, r0, r1, T, T, true, ea, poly, o, row.data());
           return;
         }
       }
       for (std::int64_t r = r0; r < r1; ++r) {
         const std::int64_t n = r % T + 1;
-        softmax_row_q30(s + r * T, n, sc, tb, row.data());
+        softmax_row_q30(s + r * T, n, sc, row.data());
         for (std::int64_t j = 0; j < n; ++j) o[r * T + j] = static_cast<std::int32_t>(row[static_cast<std::size_t>(j)]);
       }
     }, 64);
@@ -356,7 +363,7 @@ CrossEntropy cross_entropy(const Tensor& logits, const std::int32_t* targets, co
     ce.grad = cast(g, grad_format, key);
     return ce;
   }
-  const Exp2Table& tb = exp2_table();
+  const std::int64_t* poly = exp2_poly().c.data();
   const ExpScale sc = exp_scale(1.0, logits.exponent());
   const ExpArgs ea(sc);
   // grad = (p - onehot) * round(2^k / R) at exponent -30 - k, with k chosen
@@ -377,12 +384,12 @@ CrossEntropy cross_entropy(const Tensor& logits, const std::int32_t* targets, co
         bool done = false;
         if constexpr (sizeof(S) >= 4) {
           if (ea.valid(sc)) {
-            softmax_rows(l + r * V, 0, 1, 1, V, false, ea, tb.t.data(), tb.ln2_q30, p.data(), tmp.data());
+            softmax_rows(l + r * V, 0, 1, 1, V, false, ea, poly, p.data(), tmp.data());
             done = true;
           }
         }
         if (!done) {
-          softmax_row_q30(l + r * V, V, sc, tb, tmp.data());
+          softmax_row_q30(l + r * V, V, sc, tmp.data());
           for (std::int64_t j = 0; j < V; ++j) p[static_cast<std::size_t>(j)] = static_cast<std::int32_t>(tmp[static_cast<std::size_t>(j)]);
         }
         p[static_cast<std::size_t>(targets[r])] -= std::int32_t{1} << 30;
