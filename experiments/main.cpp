@@ -49,6 +49,7 @@ int main(int argc, char** argv) {
   train->add_option("--out", tr.out, "Output folder");
   train->add_flag("--resume", tr.resume, "Continue the run in --out from its last checkpoint");
   train->add_flag("--overwrite", tr.overwrite, "Replace a run already in --out");
+  train->add_flag("--save-init", tr.save_init, "Also write the initial weights to --out/init.safetensors");
   train->add_option("--threads", tr.threads, "OpenMP threads (0: default)")->check(CLI::NonNegativeNumber);
   train->add_option("--eval-every", tr.eval_every, "Validation loss every N steps (0: only at the end)")
       ->check(CLI::NonNegativeNumber);

@@ -151,7 +151,9 @@ TrainResult run_train(const TrainOptions& o) {
     }
     for (const fs::path& p : {metrics_path, state_path, model_path, summary_path}) fs::remove(p);
   }
+  if (o.save_init && start == 0) save_model(o.out / "init.safetensors", model, {{"step", "0"}, {"commit", build_commit()}});
   std::ofstream metrics(metrics_path, std::ios::app);
+  metrics.precision(9);
   if (start == 0) metrics << "step,train_loss,val_loss,lr,tokens_per_s,saturated_fraction\n";
 
   Sgd opt(SgdConfig{o.momentum, o.weight_decay});

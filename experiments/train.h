@@ -20,6 +20,7 @@ struct TrainOptions {
   std::filesystem::path out = "runs/train";
   bool resume = false;
   bool overwrite = false;     // replace a finished or abandoned run in --out
+  bool save_init = false;     // also write the initial weights to --out/init.safetensors
   int threads = 0;
   long eval_every = 100;      // validation loss every N steps (and at the end)
   long eval_windows = 64;     // validation windows per evaluation (0: the whole split)

@@ -71,7 +71,7 @@ OUT="$WORK/run"
 # One thread each: ctest runs tests side by side (-j2), and on a loaded
 # 2-core machine OpenMP's waiting threads make a 2-thread run ~5x slower.
 "$INTRAIN" train --threads 1 --format fp32 --layers 2 --d-model 64 --heads 4 --context 64 --batch 16 --steps 150 \
-  --lr 0.3 --warmup 20 --eval-every 0 --quiet --data "$DATA" --out "$OUT" >"$WORK/train.log" 2>&1 || {
+  --lr 0.3 --warmup 20 --eval-every 0 --quiet --save-init --data "$DATA" --out "$OUT" >"$WORK/train.log" 2>&1 || {
   echo "torch_peer_test: intrain train failed:" >&2
   cat "$WORK/train.log" >&2
   exit 1
@@ -88,4 +88,14 @@ set +e
 "$PY" "$HERE/torch_peer.py" --model "$MODEL" --data "$DATA" --threads 1 --expect "$LOSS" --rtol 1e-4 --control
 rc=$?
 set -e
-exit "$rc"
+[[ $rc -eq 0 ]] || exit "$rc"
+
+# The training itself: PyTorch replays the first 50 steps from the same
+# initial weights on the same batches (intrain's sampler, re-implemented in
+# Python), with torch.optim.SGD. Every step's loss must agree to 1e-5
+# relative: both compute in float32 and differ only in summation order, a
+# difference of ~1e-7 that grows chaotically along the trajectory (hence 50
+# steps, not all 150). A wrong gradient or update fails it: scaling the
+# gradient of one matrix (h.1.mlp.c_fc.weight) by 1.01 moved the loss by
+# 1.3e-4 within the 50 steps on the KJV, 13x the tolerance.
+"$PY" "$HERE/torch_replay.py" --run "$OUT" --data "$DATA" --batch 16 --steps 50 --rtol 1e-5 | tail -n 3
