@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstring>
 #include <cstdlib>
 #include <memory>
 #include <stdexcept>
@@ -197,23 +198,23 @@ class Workspace {
   std::size_t cap_ = 0, used_ = 0;
 };
 
-// An operand as oneDNN will see it: one buffer holding its int8 pieces side by
-// side along K, the logical strides of one piece, and the offset c.
+// An operand as oneDNN will see it. oneDNN's fast (brgemm) int8 kernels need
+// dense operands, so each piece of a split operand gets its own dense buffer
+// in the operand's layout; the K-concatenation of the two pieces, used by the
+// middle term of a 16 x 16 product, is a third dense buffer, built only then.
 struct Pieces {
-  const void* base = nullptr;      // piece 0
-  GemmMatrix view;                 // logical strides of one piece (rows x K or K x cols)
-  std::int64_t piece_offset = 0;   // elements from piece 0 to piece 1 (0 when unsplit)
-  std::int64_t k_stride = 0;       // elements between consecutive k of a piece
+  const void* piece[2] = {nullptr, nullptr};  // piece 1 is null when unsplit
+  GemmMatrix view;                            // logical strides of a piece
+  const void* cat = nullptr;                  // [piece 0 | piece 1] along K
+  GemmMatrix cat_view;
   int count = 1;
-  std::int64_t max_piece = 0;      // max |piece value|
-  std::int64_t offset_c = 0;       // x = x' + c
+  std::int64_t max_piece = 0;  // max |piece value|
+  std::int64_t offset_c = 0;   // x = x' + c
 };
 
 // Writes the two pieces of every element of a 16-bit operand.
 //   left:  h = (x >> 8) + 128, l = x & 255  (both u8), piece order [h, l]
 //   right: h = x >> 8, l = (x & 255) - 128  (both s8), piece order [l, h]
-// `first`/`second` are the two destination regions; dst index for source
-// index i is given by the caller's layout function through (row, col).
 INTRAIN_CLONES void split_rows_left(const std::int16_t* x, std::uint8_t* p0, std::uint8_t* p1, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) {
     const std::int32_t v = x[i];
@@ -229,70 +230,94 @@ INTRAIN_CLONES void split_rows_right(const std::int16_t* x, std::int8_t* p0, std
   }
 }
 
-// Builds the pieces of one operand. `k_is_cols`: whether K runs along the
-// storage columns (left operand not transposed, right operand transposed).
 // Bytes of workspace the split of X needs (0 when X is not split).
-std::size_t split_bytes(const Tensor& X) {
-  return X.dtype() == DType::I8 ? 0 : Workspace::padded(2 * X.numel(), 1);
+std::size_t split_bytes(const Tensor& X, bool with_cat) {
+  return X.dtype() == DType::I8 ? 0 : (with_cat ? 4 : 2) * Workspace::padded(X.numel(), 1);
 }
 
-Pieces make_pieces(const Tensor& X, Trans tr, bool left, bool k_is_cols, Workspace& ws) {
+// Builds the pieces of one operand. `k_is_cols`: whether K runs along the
+// storage columns (left operand not transposed, right operand transposed).
+Pieces make_pieces(const Tensor& X, Trans tr, bool left, bool k_is_cols, bool with_cat, Workspace& ws) {
   Pieces p;
-  const std::int64_t batch = X.batch(), r = X.rows(), c = X.cols();
+  const std::int64_t batch = X.batch(), r = X.rows(), c = X.cols(), n = X.numel();
   if (X.dtype() == DType::I8) {
-    p.base = X.raw();
+    p.piece[0] = X.raw();
     p.view = logical(GemmType::S8, c, r * c, tr);
     p.max_piece = X.format().qmax();
     return p;
   }
-  // Split: double the K axis of the storage.
-  const std::int64_t r2 = k_is_cols ? r : 2 * r, c2 = k_is_cols ? 2 * c : c;
-  std::int8_t* dst = ws.take<std::int8_t>(batch * r2 * c2);
+  const GemmType type = left ? GemmType::U8 : GemmType::S8;
+  std::int8_t* d0 = ws.take<std::int8_t>(n);
+  std::int8_t* d1 = ws.take<std::int8_t>(n);
+  p.piece[0] = d0;
+  p.piece[1] = d1;
   p.count = 2;
   p.offset_c = left ? -32768 : 128;
   p.max_piece = left ? 255 : 128;
-  p.piece_offset = k_is_cols ? c : r * c;
-  p.view = logical(left ? GemmType::U8 : GemmType::S8, c2, r2 * c2, tr);
-  p.base = dst;
+  p.view = logical(type, c, r * c, tr);
   const std::int16_t* x = X.data<std::int16_t>();
-  // One task per storage row of the source: its two pieces go to two places.
   for_chunks(
-      batch * r,
-      [&](std::int64_t, std::int64_t rb, std::int64_t re) {
-        for (std::int64_t row = rb; row < re; ++row) {
-          const std::int64_t z = row / r, i = row % r;
-          std::int8_t* d0 = dst + z * r2 * c2 + i * c2;
-          std::int8_t* d1 = d0 + p.piece_offset;
-          const std::int16_t* src = x + row * c;
-          if (left) {
-            split_rows_left(src, reinterpret_cast<std::uint8_t*>(d0), reinterpret_cast<std::uint8_t*>(d1), c);
-          } else {
-            split_rows_right(src, d0, d1, c);
-          }
+      n, [&](std::int64_t, std::int64_t b, std::int64_t e) {
+        if (left) {
+          split_rows_left(x + b, reinterpret_cast<std::uint8_t*>(d0) + b, reinterpret_cast<std::uint8_t*>(d1) + b, e - b);
+        } else {
+          split_rows_right(x + b, d0 + b, d1 + b, e - b);
         }
-      },
-      std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(c, 1)));
+      });
+  if (with_cat) {
+    // Storage [batch, r, 2c] (K along columns) or [batch, 2r, c] (K along rows).
+    std::int8_t* cat = ws.take<std::int8_t>(2 * n);
+    p.cat = cat;
+    if (k_is_cols) {
+      for_chunks(batch * r, [&](std::int64_t, std::int64_t rb, std::int64_t re) {
+        for (std::int64_t row = rb; row < re; ++row) {
+          std::memcpy(cat + row * 2 * c, d0 + row * c, static_cast<std::size_t>(c));
+          std::memcpy(cat + row * 2 * c + c, d1 + row * c, static_cast<std::size_t>(c));
+        }
+      }, std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(c, 1)));
+      p.cat_view = logical(type, 2 * c, 2 * r * c, tr);
+    } else {
+      for (std::int64_t z = 0; z < batch; ++z) {
+        std::memcpy(cat + z * 2 * r * c, d0 + z * r * c, static_cast<std::size_t>(r * c));
+        std::memcpy(cat + z * 2 * r * c + r * c, d1 + z * r * c, static_cast<std::size_t>(r * c));
+      }
+      p.cat_view = logical(type, c, 2 * r * c, tr);
+    }
+  }
   return p;
 }
 
-// Sum over K of every row of op(A) (sum_k A[m,k]) or every column of op(B).
+// Sum over K of every row of op(A) (sum_k A[m,k]) or every column of op(B),
+// in int64: row sums of a storage row, or column sums accumulated row by row.
+template <class T> INTRAIN_INLINE std::int64_t row_sum_body(const T* __restrict x, std::int64_t n) {
+  std::int64_t acc = 0;
+  for (std::int64_t j = 0; j < n; ++j) acc += x[j];
+  return acc;
+}
+template <class T> INTRAIN_INLINE void col_add_body(const T* __restrict x, std::int64_t n, std::int64_t* __restrict s) {
+  for (std::int64_t j = 0; j < n; ++j) s[j] += x[j];
+}
+INTRAIN_CLONES std::int64_t row_sum(const std::int8_t* x, std::int64_t n) { return row_sum_body(x, n); }
+INTRAIN_CLONES std::int64_t row_sum(const std::int16_t* x, std::int64_t n) { return row_sum_body(x, n); }
+INTRAIN_CLONES void col_add(const std::int8_t* x, std::int64_t n, std::int64_t* s) { col_add_body(x, n, s); }
+INTRAIN_CLONES void col_add(const std::int16_t* x, std::int64_t n, std::int64_t* s) { col_add_body(x, n, s); }
+template <class T> std::int64_t row_sum(const T* x, std::int64_t n) { return row_sum_body(x, n); }
+template <class T> void col_add(const T* x, std::int64_t n, std::int64_t* s) { col_add_body(x, n, s); }
+
 std::vector<std::int64_t> k_sums(const Tensor& X, bool k_is_cols) {
   const std::int64_t batch = X.batch(), r = X.rows(), c = X.cols();
   const std::int64_t outer = k_is_cols ? r : c;
   std::vector<std::int64_t> s(static_cast<std::size_t>(batch * outer), 0);
   visit_int(X, [&](const auto* x) {
-    for (std::int64_t z = 0; z < batch; ++z) {
-      for (std::int64_t i = 0; i < r; ++i) {
-        const auto* row = x + (z * r + i) * c;
-        if (k_is_cols) {
-          std::int64_t acc = 0;
-          for (std::int64_t j = 0; j < c; ++j) acc += row[j];
-          s[static_cast<std::size_t>(z * outer + i)] = acc;
-        } else {
-          std::int64_t* dst = s.data() + z * outer;
-          for (std::int64_t j = 0; j < c; ++j) dst[j] += row[j];
-        }
-      }
+    if (k_is_cols) {
+      for_chunks(batch * r, [&](std::int64_t, std::int64_t rb, std::int64_t re) {
+        for (std::int64_t row = rb; row < re; ++row) s[static_cast<std::size_t>(row)] = row_sum(x + row * c, c);
+      }, std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(c, 1)));
+    } else {
+      for_chunks(batch, [&](std::int64_t, std::int64_t zb, std::int64_t ze) {
+        for (std::int64_t z = zb; z < ze; ++z)
+          for (std::int64_t i = 0; i < r; ++i) col_add(x + (z * r + i) * c, c, s.data() + z * outer);
+      }, 1);
     }
   });
   return s;
@@ -302,7 +327,9 @@ std::vector<std::int64_t> k_sums(const Tensor& X, bool k_is_cols) {
 // K' = count * K, shifted left by `shift` before it is added.
 struct Term {
   const void* a;
+  GemmMatrix av;
   const void* b;
+  GemmMatrix bv;
   std::int64_t k_len;
   int shift;
 };
@@ -318,18 +345,34 @@ struct TermRows {
   int count = 0;
 };
 
-template <class Out>
-INTRAIN_INLINE void combine_body(const TermRows& t, Out* C, std::int64_t n, bool first, std::int64_t row_c,
-                                 const std::int64_t* col_c) {
+template <class Out, int kTerms>
+INTRAIN_INLINE void combine_fixed(const TermRows& t, Out* __restrict C, std::int64_t n, bool first, std::int64_t row_c,
+                                  const std::int64_t* __restrict col_c) {
   const auto rc = static_cast<Out>(row_c);
-  const std::int32_t* s0 = t.s[0];
-  const int h0 = t.shift[0];
+  const std::int32_t* __restrict s0 = t.s[0];
+  const std::int32_t* __restrict s1 = t.s[kTerms > 1 ? 1 : 0];
+  const std::int32_t* __restrict s2 = t.s[kTerms > 2 ? 2 : 0];
+  const int h0 = t.shift[0], h1 = t.shift[1], h2 = t.shift[2];
   for (std::int64_t i = 0; i < n; ++i) {
     Out v = static_cast<Out>(static_cast<Out>(static_cast<std::int64_t>(s0[i])) << h0);
-    for (int k = 1; k < t.count; ++k) v += static_cast<Out>(static_cast<Out>(static_cast<std::int64_t>(t.s[k][i])) << t.shift[k]);
+    if constexpr (kTerms > 1) v += static_cast<Out>(static_cast<Out>(static_cast<std::int64_t>(s1[i])) << h1);
+    if constexpr (kTerms > 2) v += static_cast<Out>(static_cast<Out>(static_cast<std::int64_t>(s2[i])) << h2);
     if (!first) v += C[i];
     if (col_c) v += rc + static_cast<Out>(col_c[i]);
     C[i] = v;
+  }
+}
+// The number of terms is fixed per call, so each loop below has a constant
+// body and vectorises.
+template <class Out>
+INTRAIN_INLINE void combine_body(const TermRows& t, Out* C, std::int64_t n, bool first, std::int64_t row_c,
+                                 const std::int64_t* col_c) {
+  if (t.count == 3) {
+    combine_fixed<Out, 3>(t, C, n, first, row_c, col_c);
+  } else if (t.count == 2) {
+    combine_fixed<Out, 2>(t, C, n, first, row_c, col_c);
+  } else {
+    combine_fixed<Out, 1>(t, C, n, first, row_c, col_c);
   }
 }
 INTRAIN_CLONES void combine64(const TermRows& t, std::int64_t* C, std::int64_t n, bool first, std::int64_t rc,
@@ -363,28 +406,27 @@ Tensor matmul_integer(const Tensor& A, const Tensor& B, Trans ta, Trans tb, cons
 
   // Workspace: the split pieces, then one int32 result per term.
   const std::int64_t MN = d.batch * d.M * d.N;
+  const bool both_split = A.dtype() != DType::I8 && B.dtype() != DType::I8;
   Workspace& ws = Workspace::local();
-  ws.reserve(split_bytes(A) + split_bytes(B) + 3 * Workspace::padded(MN, sizeof(std::int32_t)));
-  const Pieces pa = make_pieces(A, ta, /*left=*/true, /*k_is_cols=*/ta == Trans::N, ws);
-  const Pieces pb = make_pieces(B, tb, /*left=*/false, /*k_is_cols=*/tb == Trans::T, ws);
-  auto at = [](const Pieces& p, int piece) {  // every piece element is one byte
-    return static_cast<const void*>(static_cast<const std::int8_t*>(p.base) + piece * p.piece_offset);
-  };
+  ws.reserve(split_bytes(A, both_split) + split_bytes(B, both_split) + 3 * Workspace::padded(MN, sizeof(std::int32_t)));
+  const Pieces pa = make_pieces(A, ta, /*left=*/true, /*k_is_cols=*/ta == Trans::N, both_split, ws);
+  const Pieces pb = make_pieces(B, tb, /*left=*/false, /*k_is_cols=*/tb == Trans::T, both_split, ws);
 
-  // The terms of A'·B' (see the file comment).
+  // The terms of A'·B' (see the file comment). Left pieces are [h, l], right
+  // pieces [l, h].
   std::vector<Term> terms;
   if (pa.count == 1 && pb.count == 1) {
-    terms.push_back({pa.base, pb.base, d.K, 0});
+    terms.push_back({pa.piece[0], pa.view, pb.piece[0], pb.view, d.K, 0});
   } else if (pa.count == 2 && pb.count == 1) {
-    terms.push_back({at(pa, 0), pb.base, d.K, 8});
-    terms.push_back({at(pa, 1), pb.base, d.K, 0});
+    terms.push_back({pa.piece[0], pa.view, pb.piece[0], pb.view, d.K, 8});
+    terms.push_back({pa.piece[1], pa.view, pb.piece[0], pb.view, d.K, 0});
   } else if (pa.count == 1 && pb.count == 2) {
-    terms.push_back({pa.base, at(pb, 1), d.K, 8});
-    terms.push_back({pa.base, at(pb, 0), d.K, 0});
+    terms.push_back({pa.piece[0], pa.view, pb.piece[1], pb.view, d.K, 8});
+    terms.push_back({pa.piece[0], pa.view, pb.piece[0], pb.view, d.K, 0});
   } else {
-    terms.push_back({at(pa, 0), at(pb, 1), d.K, 16});     // Ah·Bh
-    terms.push_back({at(pa, 0), at(pb, 0), 2 * d.K, 8});  // [Ah|Al]·[Bl;Bh]
-    terms.push_back({at(pa, 1), at(pb, 0), d.K, 0});      // Al·Bl
+    terms.push_back({pa.piece[0], pa.view, pb.piece[1], pb.view, d.K, 16});     // Ah·Bh
+    terms.push_back({pa.cat, pa.cat_view, pb.cat, pb.cat_view, 2 * d.K, 8});    // [Ah|Al]·[Bl;Bh]
+    terms.push_back({pa.piece[1], pa.view, pb.piece[0], pb.view, d.K, 0});      // Al·Bl
   }
 
   // Exactness of each int8 product in int32: cut K' into chunks.
@@ -409,12 +451,12 @@ Tensor matmul_integer(const Tensor& A, const Tensor& B, Trans ta, Trans tb, cons
   g.batch = d.batch;
   g.M = d.M;
   g.N = d.N;
-  g.a = pa.view;
-  g.b = pb.view;
   g.c = {GemmType::S32, d.M * d.N, d.N, 1};
   const bool chunked = std::any_of(terms.begin(), terms.end(), [&](const Term& t) { return t.k_len > k_max; });
   if (terms.size() == 1 && !chunked && row_c.empty() && rf.bits() == 32) {
     g.K = d.K;  // the plain int8 product: oneDNN writes the result directly
+    g.a = terms[0].av;
+    g.b = terms[0].bv;
     onednn_gemm(g, terms[0].a, terms[0].b, C.raw());
     return C;
   }
@@ -424,17 +466,19 @@ Tensor matmul_integer(const Tensor& A, const Tensor& B, Trans ta, Trans tb, cons
   // usual case) take a single pass: C is written once.
   struct Job {
     const void* a;
+    GemmMatrix av;
     const void* b;
+    GemmMatrix bv;
     std::int64_t k;
     int shift;
   };
   std::vector<Job> jobs;
-  const std::int64_t a_kstride = pa.view.col_stride, b_kstride = pb.view.row_stride;
   for (const Term& t : terms) {
+    // One step along K moves col_stride in the left view and row_stride in the right one.
     for (std::int64_t k0 = 0; k0 < t.k_len; k0 += k_max) {
-      jobs.push_back({static_cast<const std::int8_t*>(t.a) + k0 * a_kstride,
-                      static_cast<const std::int8_t*>(t.b) + k0 * b_kstride, std::min(k_max, t.k_len - k0),
-                      t.shift});
+      jobs.push_back({static_cast<const std::int8_t*>(t.a) + k0 * t.av.col_stride, t.av,
+                      static_cast<const std::int8_t*>(t.b) + k0 * t.bv.row_stride, t.bv,
+                      std::min(k_max, t.k_len - k0), t.shift});
     }
   }
   std::int32_t* scratch[3] = {ws.take<std::int32_t>(MN), ws.take<std::int32_t>(MN), ws.take<std::int32_t>(MN)};
@@ -444,6 +488,8 @@ Tensor matmul_integer(const Tensor& A, const Tensor& B, Trans ta, Trans tb, cons
     for (int k = 0; k < tr.count; ++k) {
       const Job& job = jobs[j0 + static_cast<std::size_t>(k)];
       g.K = job.k;
+      g.a = job.av;
+      g.b = job.bv;
       onednn_gemm(g, job.a, job.b, scratch[k]);
       tr.shift[k] = job.shift;
     }
