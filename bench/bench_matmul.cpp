@@ -14,7 +14,9 @@
 //   intrain_int8_TN   intrain::matmul(A, B, Trans::T, Trans::N): A stored [K, M]  (dW = Xᵀ·dY)
 //   intrain_int8_NT   intrain::matmul(A, B, Trans::N, Trans::T): B stored [N, K]  (dX = dY·Wᵀ)
 // The transposed variants keep the logical M x K x N of the NN run, so their
-// GOP/s compares directly with intrain_int8 at the same shape.
+// GOP/s compares directly with intrain_int8 at the same shape: at the three
+// forward training shapes (TN and NT), and at the weight-gradient shapes
+// 128x2048x384, 128x2048x512, 512x2048x128 (NN and TN only).
 //
 // Raw oneDNN runs use plain row-major (strided) memory, as intrain does, with
 // the primitive, memory objects and stream created once, outside the timing.
@@ -49,6 +51,10 @@ struct Dims {
 const Dims kShapes[] = {{1024, 1024, 1024}, {2048, 128, 384}, {2048, 128, 512}, {2048, 512, 128}};
 // Shapes at which the transposed (backward-pass) layouts are measured.
 const Dims kTrainShapes[] = {{2048, 128, 384}, {2048, 128, 512}, {2048, 512, 128}};
+// The weight-gradient products of those layers, dW = Xᵀ·dY: M = fan-in,
+// K = 2048 tokens, N = fan-out. Measured as Aᵀ·B (how backward calls it) and
+// as A·B at the same shape.
+const Dims kWeightGradShapes[] = {{128, 2048, 384}, {128, 2048, 512}, {512, 2048, 128}};
 
 std::string shape_name(const Dims& d) {
   return std::to_string(d.M) + "x" + std::to_string(d.K) + "x" + std::to_string(d.N);
@@ -199,6 +205,13 @@ void register_all() {
       configure(benchmark::RegisterBenchmark(("intrain_int8_TN" + s).c_str(), bm_intrain, d, 8, Trans::T, Trans::N),
                 threads);
       configure(benchmark::RegisterBenchmark(("intrain_int8_NT" + s).c_str(), bm_intrain, d, 8, Trans::N, Trans::T),
+                threads);
+    }
+    for (const Dims& d : kWeightGradShapes) {
+      const std::string s = "/" + shape_name(d);
+      configure(benchmark::RegisterBenchmark(("intrain_int8" + s).c_str(), bm_intrain, d, 8, Trans::N, Trans::N),
+                threads);
+      configure(benchmark::RegisterBenchmark(("intrain_int8_TN" + s).c_str(), bm_intrain, d, 8, Trans::T, Trans::N),
                 threads);
     }
   }

@@ -21,7 +21,7 @@ for t in torch:
 for b in ours:
     if b.get("aggregate_name") != "median":
         continue
-    name = b["run_name"].split("/")[0].replace("train_step/", "")
+    name = b["run_name"].split("/")[1]
     thr = b["run_name"].split("threads:")[1].split("/")[0]
     print(f"| intrain {name} | {thr} | {b['real_time']:.1f} | {b['tok/s']:.0f} | {b['tok/s']/best_torch:.2f} |")
 PY
