@@ -25,6 +25,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/format.h"
@@ -128,27 +129,19 @@ template <class T> const T* Tensor::data() const {
 
 // Calls f(T* data) with the tensor's storage type. The one place that turns a
 // runtime DType into a static type, so kernels are written once as templates.
-template <class F> decltype(auto) visit_int(Tensor& t, F&& f) {
+// (Tn is Tensor or const Tensor: the pointer passed to f has the same constness.)
+template <class Tn, class F>
+  requires std::is_same_v<std::remove_const_t<Tn>, Tensor>
+decltype(auto) visit_int(Tn& t, F&& f) {
   switch (t.dtype()) {
-    case DType::I8: return f(t.data<std::int8_t>());
-    case DType::I16: return f(t.data<std::int16_t>());
-    case DType::I32: return f(t.data<std::int32_t>());
-    case DType::I64: return f(t.data<std::int64_t>());
+    case DType::I8: return f(t.template data<std::int8_t>());
+    case DType::I16: return f(t.template data<std::int16_t>());
+    case DType::I32: return f(t.template data<std::int32_t>());
+    case DType::I64: return f(t.template data<std::int64_t>());
     case DType::F32: break;
   }
   throw_dtype_mismatch(t, DType::I32);
-  return f(static_cast<std::int32_t*>(nullptr));
-}
-template <class F> decltype(auto) visit_int(const Tensor& t, F&& f) {
-  switch (t.dtype()) {
-    case DType::I8: return f(t.data<std::int8_t>());
-    case DType::I16: return f(t.data<std::int16_t>());
-    case DType::I32: return f(t.data<std::int32_t>());
-    case DType::I64: return f(t.data<std::int64_t>());
-    case DType::F32: break;
-  }
-  throw_dtype_mismatch(t, DType::I32);
-  return f(static_cast<const std::int32_t*>(nullptr));
+  return f(t.template data<std::int32_t>());  // not reached: the line above throws
 }
 
 }  // namespace intrain

@@ -11,6 +11,7 @@
 
 #include "layers/gpt.h"
 #include "core/ops.h"
+#include "test_support.h"
 #include "optim/sgd.h"
 
 namespace intrain {
@@ -115,15 +116,7 @@ TEST(GptGradient, Fp32MatchesFiniteDifferences) {
 // identical parameters) on the same batch. The error must shrink from int8
 // to int16, and int16 must agree closely: a wrong exponent anywhere would show
 // as a factor of 2.
-double grad_rel_err(const Tensor& a, const Tensor& b) {
-  double num = 0.0, den = 0.0;
-  for (std::int64_t i = 0; i < a.numel(); ++i) {
-    const double d = a.value(i) - b.value(i);
-    num += d * d;
-    den += b.value(i) * b.value(i);
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
+double grad_rel_err(const Tensor& a, const Tensor& b) { return testing::relative_l2_error(a, b); }
 
 TEST(GptGradient, IntegerMatchesFloatAndImprovesWithBits) {
   GPTConfig cfg{2, 2, 32, 16, 256};

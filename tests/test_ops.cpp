@@ -11,6 +11,7 @@
 
 #include "core/matmul.h"
 #include "core/ops.h"
+#include "test_support.h"
 #include "core/quantize.h"
 
 namespace intrain {
@@ -25,16 +26,7 @@ Tensor rand_float(Shape shape, std::uint64_t seed, float scale = 1.0f, float off
 }
 
 // ||a - b|| / ||b||
-double rel_err(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.numel(), b.numel());
-  double num = 0.0, den = 0.0;
-  for (std::int64_t i = 0; i < a.numel(); ++i) {
-    const double d = a.value(i) - b.value(i);
-    num += d * d;
-    den += b.value(i) * b.value(i);
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
+double rel_err(const Tensor& a, const Tensor& b) { return testing::relative_l2_error(a, b); }
 
 // A float tensor as an integer one: matmul-operand formats quantize to
 // `bits`; wide (residual) values to residual_format().

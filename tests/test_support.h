@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -57,5 +59,17 @@ std::string thrown_message(F&& f) {
 
 #define EXPECT_MESSAGE_HAS(msg, needle) \
   EXPECT_NE(std::string(msg).find(needle), std::string::npos) << "message: '" << (msg) << "' lacks '" << (needle) << "'"
+
+// ||a - b|| / ||b|| over the real values of two tensors of any formats.
+inline double relative_l2_error(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.numel(), b.numel());
+  double num = 0.0, den = 0.0;
+  for (std::int64_t i = 0; i < a.numel(); ++i) {
+    const double d = a.value(i) - b.value(i);
+    num += d * d;
+    den += b.value(i) * b.value(i);
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
 
 }  // namespace intrain::testing
