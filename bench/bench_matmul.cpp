@@ -119,9 +119,9 @@ void bm_intrain(benchmark::State& state, Dims d, int bits, Trans ta, Trans tb) {
   if (bits <= 8) {
     impl = impl_name(mat_md(dt::s8, d.M, d.K, ta == Trans::T), mat_md(dt::s8, d.K, d.N, tb == Trans::T),
                      mat_md(dt::s32, d.M, d.N));
-  } else {  // split pieces: u8 left piece inside an [M, 2K] buffer, s8 right piece of a [2K, N] buffer
-    impl = impl_name(dnnl::memory::desc({d.M, d.K}, dt::u8, dnnl::memory::dims{2 * d.K, 1}),
-                     mat_md(dt::s8, d.K, d.N), mat_md(dt::s32, d.M, d.N));
+  } else {  // split: dense u8 pieces of A times dense s8 pieces of B, in the operands' layouts
+    impl = impl_name(mat_md(dt::u8, d.M, d.K, ta == Trans::T), mat_md(dt::s8, d.K, d.N, tb == Trans::T),
+                     mat_md(dt::s32, d.M, d.N));
   }
 
   benchmark::DoNotOptimize(intrain::matmul(A, B, ta, tb));  // warm-up: primitive creation, first touch
