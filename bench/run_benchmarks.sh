@@ -4,8 +4,8 @@
 # Each benchmark is repeated REPS times (default 3), the repetitions randomly
 # interleaved across benchmarks, so a burst of other work on the machine spoils
 # one repetition of several benchmarks rather than every repetition of one.
-# The report shows the best repetition and the median. About 3.5 minutes for
-# bench_matmul and 1.5 for bench_passes at REPS=3, on an idle machine.
+# The report shows the best repetition and the median. About 2.5 minutes for
+# bench_matmul and 2 for bench_passes at REPS=3, on an idle machine.
 set -eu
 B=${1:-build}
 O=${2:-out/bench}
