@@ -42,6 +42,8 @@ int main(int argc, char** argv) {
   train->add_option("--lr", tr.lr, "Peak learning rate")->check(CLI::PositiveNumber);
   train->add_option("--warmup", tr.warmup, "Linear warmup steps")->check(CLI::NonNegativeNumber);
   train->add_option("--momentum", tr.momentum, "SGD momentum")->check(CLI::Range(0.0, 0.9999));
+  train->add_option("--init-std", tr.init_std, "Std of the initial embeddings and matmul weights (GPT-2 uses 0.02; see docs/training.md)")
+      ->check(CLI::Range(1e-6, 1.0));
   train->add_option("--weight-decay", tr.weight_decay, "Weight decay on matmul weights")->check(CLI::Range(0.0, 1.0));
   add_format_flags(train, tr.format, tr.rounding);
   train->add_option("--seed", tr.seed, "Seed of the initialisation, the batches and the rounding");

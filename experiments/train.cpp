@@ -49,7 +49,7 @@ Metadata run_settings(const TrainOptions& o, const Precision& prec, const std::s
           {"warmup", std::to_string(o.warmup)},   {"lr", std::to_string(o.lr)},
           {"momentum", std::to_string(o.momentum)}, {"weight_decay", std::to_string(o.weight_decay)},
           {"format", prec.name()},                {"seed", std::to_string(o.seed)},
-          {"data", corpus}};
+          {"init_std", std::to_string(o.init_std)}, {"data", corpus}};
 }
 
 // Mean loss over consecutive validation windows (all of them if max_windows <= 0).
@@ -125,7 +125,7 @@ TrainResult run_train(const TrainOptions& o) {
   const fs::path metrics_path = o.out / "metrics.csv", state_path = o.out / "train_state.safetensors";
   const fs::path model_path = o.out / "model.safetensors", summary_path = o.out / "summary.json";
 
-  GPT model(cfg, prec, o.seed);
+  GPT model(cfg, prec, o.seed, static_cast<float>(o.init_std));
   long start = 0;
   if (o.resume) {
     if (!fs::exists(state_path)) {
@@ -245,7 +245,7 @@ TrainResult run_train(const TrainOptions& o) {
   j["threads"] = omp_get_max_threads();
   j["config"] = {{"layers", o.layers},     {"d_model", o.d_model},   {"heads", o.heads},
                  {"context", o.context},   {"batch", o.batch},       {"lr", o.lr},
-                 {"warmup", o.warmup},     {"momentum", o.momentum}, {"weight_decay", o.weight_decay},
+                 {"warmup", o.warmup},     {"momentum", o.momentum}, {"weight_decay", o.weight_decay}, {"init_std", o.init_std},
                  {"rounding", o.rounding}, {"seed", o.seed},         {"data", corpus.name},
                  {"resumed_from_step", start}};
   write_json_atomically(summary_path, j);

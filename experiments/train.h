@@ -13,6 +13,7 @@ struct TrainOptions {
   int layers = 4, d_model = 128, heads = 4, context = 128, batch = 16;
   long steps = 2000, warmup = 100;
   double lr = 0.1, momentum = 0.9, weight_decay = 0.0, final_lr_fraction = 0.1;
+  double init_std = 0.08;     // N(0, init_std) for embeddings and matmul weights (layers/gpt.h); see docs/training.md
   std::string format = "int8";
   std::string rounding = "stochastic";
   std::uint64_t seed = 1;

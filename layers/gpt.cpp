@@ -32,8 +32,10 @@ float normal(const RngKey& k, std::uint32_t i) {
 
 }  // namespace
 
-GPT::GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed) : cfg_(cfg), prec_(prec) {
+GPT::GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed, float init_std) : cfg_(cfg), prec_(prec) {
   cfg_.validate();
+  if (!(init_std > 0.0f && init_std <= 1.0f))
+    throw std::invalid_argument("model configuration: --init-std must be in (0, 1], got " + std::to_string(init_std));
   const std::int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
   struct Spec {
     std::string name;
@@ -43,20 +45,20 @@ GPT::GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed) : cfg_
     float fill;
   };
   std::vector<Spec> specs;
-  const float proj_std = 0.02f / std::sqrt(2.0f * static_cast<float>(cfg_.n_layer));
-  specs.push_back({"wte.weight", {V, C}, ParamKind::Embedding, 0.02f, 0.0f});
-  specs.push_back({"wpe.weight", {cfg_.n_ctx, C}, ParamKind::Embedding, 0.02f, 0.0f});
+  const float proj_std = init_std / std::sqrt(2.0f * static_cast<float>(cfg_.n_layer));
+  specs.push_back({"wte.weight", {V, C}, ParamKind::Embedding, init_std, 0.0f});
+  specs.push_back({"wpe.weight", {cfg_.n_ctx, C}, ParamKind::Embedding, init_std, 0.0f});
   for (int l = 0; l < cfg_.n_layer; ++l) {
     const std::string p = "h." + std::to_string(l) + ".";
     specs.push_back({p + "ln_1.weight", {C}, ParamKind::Norm, 0.0f, 1.0f});
     specs.push_back({p + "ln_1.bias", {C}, ParamKind::Norm, 0.0f, 0.0f});
-    specs.push_back({p + "attn.c_attn.weight", {C, 3 * C}, ParamKind::MatmulWeight, 0.02f, 0.0f});
+    specs.push_back({p + "attn.c_attn.weight", {C, 3 * C}, ParamKind::MatmulWeight, init_std, 0.0f});
     specs.push_back({p + "attn.c_attn.bias", {3 * C}, ParamKind::Bias, 0.0f, 0.0f});
     specs.push_back({p + "attn.c_proj.weight", {C, C}, ParamKind::MatmulWeight, proj_std, 0.0f});
     specs.push_back({p + "attn.c_proj.bias", {C}, ParamKind::Bias, 0.0f, 0.0f});
     specs.push_back({p + "ln_2.weight", {C}, ParamKind::Norm, 0.0f, 1.0f});
     specs.push_back({p + "ln_2.bias", {C}, ParamKind::Norm, 0.0f, 0.0f});
-    specs.push_back({p + "mlp.c_fc.weight", {C, 4 * C}, ParamKind::MatmulWeight, 0.02f, 0.0f});
+    specs.push_back({p + "mlp.c_fc.weight", {C, 4 * C}, ParamKind::MatmulWeight, init_std, 0.0f});
     specs.push_back({p + "mlp.c_fc.bias", {4 * C}, ParamKind::Bias, 0.0f, 0.0f});
     specs.push_back({p + "mlp.c_proj.weight", {4 * C, C}, ParamKind::MatmulWeight, proj_std, 0.0f});
     specs.push_back({p + "mlp.c_proj.bias", {C}, ParamKind::Bias, 0.0f, 0.0f});

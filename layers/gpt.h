@@ -29,10 +29,10 @@ struct GPTConfig {
 
 class GPT {
  public:
-  // Parameters initialised as GPT-2 does (N(0, 0.02); residual projections
-  // N(0, 0.02/sqrt(2 n_layer)); LayerNorm 1 and 0; biases 0) from a
-  // counter-based generator keyed by `seed`.
-  GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed);
+  // Parameters initialised as GPT-2 does (N(0, init_std) with GPT-2's 0.02 by
+  // default; residual projections N(0, init_std/sqrt(2 n_layer)); LayerNorm
+  // 1 and 0; biases 0) from a counter-based generator keyed by `seed`.
+  GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed, float init_std = 0.02f);
   // Layers hold pointers into params_: a move keeps them valid, a copy would not.
   GPT(GPT&&) noexcept = default;
   GPT& operator=(GPT&&) noexcept = default;
