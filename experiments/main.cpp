@@ -6,6 +6,7 @@
 #include <iostream>
 #include <string>
 
+#include "experiments/ablate.h"
 #include "experiments/evaluate.h"
 #include "experiments/selfcheck.h"
 #include "experiments/train.h"
@@ -16,6 +17,28 @@ void add_format_flags(CLI::App* app, std::string& format, std::string& rounding)
   app->add_option("--format", format, "Number formats: fp32, int8, int16, intB (B = 2..16) or wXaYeZgV");
   app->add_option("--rounding", rounding, "Rounding of integer formats: stochastic or nearest")
       ->check(CLI::IsMember({"stochastic", "nearest", "sr", "rn"}));
+}
+
+// Model, schedule and evaluation flags shared by `train` and `ablate`.
+void add_training_flags(CLI::App* app, intrain::TrainOptions& t) {
+  app->add_option("--layers", t.layers, "Transformer blocks")->check(CLI::Range(1, 64));
+  app->add_option("--d-model", t.d_model, "Model width")->check(CLI::Range(8, 4096));
+  app->add_option("--heads", t.heads, "Attention heads (must divide --d-model)")->check(CLI::Range(1, 256));
+  app->add_option("--context", t.context, "Context length in bytes")->check(CLI::Range(2, 4096));
+  app->add_option("--batch", t.batch, "Sequences per step")->check(CLI::Range(1, 4096));
+  app->add_option("--steps", t.steps, "Optimizer steps")->check(CLI::Range(1L, 100000000L));
+  app->add_option("--lr", t.lr, "Peak learning rate")->check(CLI::PositiveNumber);
+  app->add_option("--warmup", t.warmup, "Linear warmup steps")->check(CLI::NonNegativeNumber);
+  app->add_option("--momentum", t.momentum, "SGD momentum")->check(CLI::Range(0.0, 0.9999));
+  app->add_option("--init-std", t.init_std, "Std of the initial embeddings and matmul weights (GPT-2 uses 0.02; see docs/training.md)")
+      ->check(CLI::Range(1e-6, 1.0));
+  app->add_option("--weight-decay", t.weight_decay, "Weight decay on matmul weights")->check(CLI::Range(0.0, 1.0));
+  app->add_option("--eval-every", t.eval_every, "Validation loss every N steps (0: only at the end)")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--eval-windows", t.eval_windows, "Validation windows per periodic evaluation")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--checkpoint-every", t.checkpoint_every, "Checkpoint every N steps (and at the end)")
+      ->check(CLI::NonNegativeNumber);
 }
 
 }  // namespace
@@ -33,18 +56,7 @@ int main(int argc, char** argv) {
   intrain::TrainOptions tr;
   std::string train_data;
   auto* train = app.add_subcommand("train", "Train a GPT on a byte-level corpus (default: the King James Bible)");
-  train->add_option("--layers", tr.layers, "Transformer blocks")->check(CLI::Range(1, 64));
-  train->add_option("--d-model", tr.d_model, "Model width")->check(CLI::Range(8, 4096));
-  train->add_option("--heads", tr.heads, "Attention heads (must divide --d-model)")->check(CLI::Range(1, 256));
-  train->add_option("--context", tr.context, "Context length in bytes")->check(CLI::Range(2, 4096));
-  train->add_option("--batch", tr.batch, "Sequences per step")->check(CLI::Range(1, 4096));
-  train->add_option("--steps", tr.steps, "Optimizer steps")->check(CLI::Range(1L, 100000000L));
-  train->add_option("--lr", tr.lr, "Peak learning rate")->check(CLI::PositiveNumber);
-  train->add_option("--warmup", tr.warmup, "Linear warmup steps")->check(CLI::NonNegativeNumber);
-  train->add_option("--momentum", tr.momentum, "SGD momentum")->check(CLI::Range(0.0, 0.9999));
-  train->add_option("--init-std", tr.init_std, "Std of the initial embeddings and matmul weights (GPT-2 uses 0.02; see docs/training.md)")
-      ->check(CLI::Range(1e-6, 1.0));
-  train->add_option("--weight-decay", tr.weight_decay, "Weight decay on matmul weights")->check(CLI::Range(0.0, 1.0));
+  add_training_flags(train, tr);
   add_format_flags(train, tr.format, tr.rounding);
   train->add_option("--seed", tr.seed, "Seed of the initialisation, the batches and the rounding");
   train->add_option("--data", train_data, "Training text file (default: the KJV)");
@@ -53,12 +65,6 @@ int main(int argc, char** argv) {
   train->add_flag("--overwrite", tr.overwrite, "Replace a run already in --out");
   train->add_flag("--save-init", tr.save_init, "Also write the initial weights to --out/init.safetensors");
   train->add_option("--threads", tr.threads, "OpenMP threads (0: default)")->check(CLI::NonNegativeNumber);
-  train->add_option("--eval-every", tr.eval_every, "Validation loss every N steps (0: only at the end)")
-      ->check(CLI::NonNegativeNumber);
-  train->add_option("--eval-windows", tr.eval_windows, "Validation windows per periodic evaluation")
-      ->check(CLI::NonNegativeNumber);
-  train->add_option("--checkpoint-every", tr.checkpoint_every, "Checkpoint every N steps (and at the end)")
-      ->check(CLI::NonNegativeNumber);
   train->add_flag("--quiet", tr.quiet, "No progress line");
 
   intrain::EvalOptions ev;
@@ -81,6 +87,28 @@ int main(int argc, char** argv) {
   sample->add_option("--seed", sa.seed, "Sampling seed");
   sample->add_option("--threads", sa.threads, "OpenMP threads (0: default)")->check(CLI::NonNegativeNumber);
 
+  intrain::AblateOptions ab;
+  std::string ablate_data;
+  bool ablate_quick = false;
+  auto* ablate = app.add_subcommand("ablate", "Bit-width x rounding x seed sweep against fp32 baselines (docs/ablation.md)");
+  ablate->add_option("--bits", ab.bits, "Operand bits of every role, comma separated (2..16)")->delimiter(',');
+  ablate->add_option("--rounding", ab.roundings, "Rounding modes, comma separated: nearest, stochastic")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"nearest", "stochastic"}));
+  ablate->add_option("--seeds", ab.seeds, "Seeds 1..N per cell")->check(CLI::Range(1, 1000));
+  ablate->add_option("--jobs", ab.jobs, "Cells run side by side (each with --threads threads, default 1)")
+      ->check(CLI::Range(1, 256));
+  ablate->add_option("--threads", ab.train.threads, "OpenMP threads per cell (0: 1 with --jobs > 1, else all)")
+      ->check(CLI::NonNegativeNumber);
+  ablate->add_option("--out", ab.out, "Sweep folder (cells, ablation.json, ablation.md, plots)");
+  ablate->add_option("--data", ablate_data, "Training text file (default: the KJV)");
+  ablate->add_flag("--quick", ablate_quick,
+                   "Small model and grid (bits 4,8,12,16, 2 seeds, 300 steps); explicit flags override it");
+  ablate->add_flag("--retry-failed", ab.retry_failed, "Run cells that failed before again");
+  ablate->add_flag("--report-only", ab.report_only, "Rebuild the report from the cells present; run nothing");
+  ablate->add_flag("!--no-plots", ab.plots, "Do not run the plotting script");
+  add_training_flags(ablate, ab.train);
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*selfcheck) return intrain::run_selfcheck(sc);
@@ -90,6 +118,30 @@ int main(int argc, char** argv) {
       std::printf("%s: final train loss %.4f, validation loss %.4f (nats/byte), %.0f tokens/s, %.1f s\n",
                   tr.format.c_str(), r.final_train_loss, r.final_val_loss, r.tokens_per_s, r.wall_s);
       return 0;
+    }
+    if (*ablate) {
+      if (ablate_quick) {
+        // --quick sets defaults; flags given explicitly win.
+        intrain::AblateOptions q = ab;
+        intrain::apply_quick(q);
+        auto keep = [&](const char* flag, auto& dst, const auto& src) {
+          if (ablate->count(flag) == 0) dst = src;
+        };
+        keep("--bits", ab.bits, q.bits);
+        keep("--seeds", ab.seeds, q.seeds);
+        keep("--layers", ab.train.layers, q.train.layers);
+        keep("--d-model", ab.train.d_model, q.train.d_model);
+        keep("--heads", ab.train.heads, q.train.heads);
+        keep("--context", ab.train.context, q.train.context);
+        keep("--batch", ab.train.batch, q.train.batch);
+        keep("--steps", ab.train.steps, q.train.steps);
+        keep("--warmup", ab.train.warmup, q.train.warmup);
+        keep("--eval-every", ab.train.eval_every, q.train.eval_every);
+        keep("--eval-windows", ab.train.eval_windows, q.train.eval_windows);
+        keep("--jobs", ab.jobs, 2);
+      }
+      if (!ablate_data.empty()) ab.train.data = ablate_data;
+      return intrain::run_ablate(ab) == 0 ? 0 : 2;
     }
     if (*eval) {
       if (!eval_data.empty()) ev.data = eval_data;

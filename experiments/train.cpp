@@ -16,6 +16,7 @@
 
 #include "experiments/build_info.h"
 #include "experiments/checkpoint.h"
+#include "experiments/run_lock.h"
 #include "experiments/corpus.h"
 #include "layers/gpt.h"
 #include "optim/sgd.h"
@@ -121,7 +122,7 @@ TrainResult run_train(const TrainOptions& o) {
   const Corpus corpus = Corpus::load(o.data, o.context + 1);
   const Metadata settings = run_settings(o, prec, corpus.name);
 
-  fs::create_directories(o.out);
+  const RunLock lock(o.out, "intrain train");
   const fs::path metrics_path = o.out / "metrics.csv", state_path = o.out / "train_state.safetensors";
   const fs::path model_path = o.out / "model.safetensors", summary_path = o.out / "summary.json";
 

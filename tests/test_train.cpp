@@ -17,27 +17,16 @@
 #include "experiments/checkpoint.h"
 #include "experiments/evaluate.h"
 #include "experiments/train.h"
+#include "tests/run_support.h"
 
 namespace intrain {
 namespace {
 
 namespace fs = std::filesystem;
-
-// A small corpus file: deterministic, text, large enough for both splits.
-fs::path tiny_corpus() {
-  const fs::path p = fs::temp_directory_path() / "intrain_test_corpus.txt";
-  if (!fs::exists(p)) {
-    std::ofstream f(p);
-    for (int i = 0; i < 400; ++i) f << "In the beginning was the word " << i % 17 << ", and the word was with " << (i * 7) % 13 << ".\n";
-  }
-  return p;
-}
-
-fs::path fresh_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("intrain_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  return d;
-}
+using testing::file_bytes;
+using testing::fresh_dir;
+using testing::run_cli;
+using testing::tiny_corpus;
 
 TrainOptions tiny_run(const fs::path& out, const std::string& format, long steps) {
   TrainOptions o;
@@ -57,13 +46,6 @@ TrainOptions tiny_run(const fs::path& out, const std::string& format, long steps
   o.checkpoint_every = 0;
   o.quiet = true;
   return o;
-}
-
-std::string file_bytes(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
 }
 
 TEST(TrainCheckpoint, ModelRoundTripsThroughSafetensors) {
@@ -107,18 +89,6 @@ TEST(TrainDeterminism, Int8CheckpointIdenticalWith1And2Threads) {
   EXPECT_EQ(file_bytes(a / "train_state.safetensors"), file_bytes(b / "train_state.safetensors"));
   fs::remove_all(a);
   fs::remove_all(b);
-}
-
-// The CLI, run as a child process with its output captured.
-int run_cli(const std::string& args, std::string* output) {
-  const std::string cmd = std::string(INTRAIN_BINARY_DIR) + "/intrain " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[512];
-  while (p && std::fgets(buf, sizeof buf, p)) out += buf;
-  const int status = p ? ::pclose(p) : -1;
-  if (output) *output = out;
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 std::string tiny_flags(const fs::path& out, const std::string& fmt, long steps) {

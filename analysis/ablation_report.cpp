@@ -1,0 +1,283 @@
+#include "analysis/ablation_report.h"
+
+#include <algorithm>
+#include <boost/math/distributions/students_t.hpp>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+namespace intrain {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+json read_json(const fs::path& p) {
+  std::ifstream in(p);
+  if (!in) throw std::runtime_error(p.string() + ": cannot open");
+  try {
+    return json::parse(in);
+  } catch (const json::exception& e) {
+    throw std::runtime_error(p.string() + ": not valid JSON (" + e.what() + "); delete the cell folder to rerun it");
+  }
+}
+
+// Splits one CSV line (no quoting: metrics.csv holds numbers only).
+std::vector<std::string> split_csv(const std::string& line) {
+  std::vector<std::string> f;
+  std::stringstream ss(line);
+  std::string item;
+  while (std::getline(ss, item, ',')) f.push_back(item);
+  if (!line.empty() && line.back() == ',') f.emplace_back();
+  return f;
+}
+
+double mean_of(const std::vector<double>& v) {
+  double s = 0.0;
+  for (double x : v) s += x;
+  return v.empty() ? 0.0 : s / static_cast<double>(v.size());
+}
+
+// Sample standard deviation (n - 1); 0 for fewer than two values.
+double sd_of(const std::vector<double>& v) {
+  if (v.size() < 2) return 0.0;
+  const double m = mean_of(v);
+  double s = 0.0;
+  for (double x : v) s += (x - m) * (x - m);
+  return std::sqrt(s / static_cast<double>(v.size() - 1));
+}
+
+std::string group_name(int bits, const std::string& rounding) {
+  if (bits == 32) return "fp32";
+  return "int" + std::to_string(bits) + (rounding == "nearest" ? "-rn" : "-sr");
+}
+
+std::string fmt(const char* f, double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, x);
+  return buf;
+}
+
+}  // namespace
+
+CellResult load_cell(const fs::path& dir, int bits, const std::string& rounding, int seed) {
+  CellResult c;
+  c.name = dir.filename().string();
+  c.bits = bits;
+  c.rounding = rounding;
+  c.seed = seed;
+  if (fs::exists(dir / "summary.json")) {
+    const json s = read_json(dir / "summary.json");
+    c.status = "done";
+    c.final_val_loss = s.at("final_val_loss").get<double>();
+    c.final_train_loss = s.at("final_train_loss").get<double>();
+    c.tokens_per_s = s.at("tokens_per_s").get<double>();
+    c.peak_rss_mib = s.at("peak_rss_mib").get<double>();
+    c.wall_s = s.at("wall_s").get<double>();
+  } else if (fs::exists(dir / "failed.json")) {
+    c.status = "failed";
+    c.failure = read_json(dir / "failed.json").value("message", std::string("unknown failure"));
+  } else {
+    c.status = "missing";
+  }
+  std::ifstream m(dir / "metrics.csv");
+  std::string line;
+  if (m && std::getline(m, line)) {
+    const std::vector<std::string> head = split_csv(line);
+    const auto col = [&](const char* name) {
+      const auto it = std::find(head.begin(), head.end(), name);
+      if (it == head.end()) throw std::runtime_error((dir / "metrics.csv").string() + ": no column '" + name + "'");
+      return static_cast<std::size_t>(it - head.begin());
+    };
+    const std::size_t c_step = col("step"), c_val = col("val_loss"), c_sat = col("saturated_fraction");
+    std::vector<double> sat;
+    while (std::getline(m, line)) {
+      const std::vector<std::string> f = split_csv(line);
+      if (f.size() != head.size()) continue;  // a row cut short by a kill
+      if (!f[c_val].empty()) c.val_curve.emplace_back(std::stol(f[c_step]), std::stod(f[c_val]));
+      sat.push_back(std::stod(f[c_sat]));
+    }
+    c.saturated_fraction = mean_of(sat);
+  }
+  return c;
+}
+
+double student_t_quantile(double p, int df) {
+  if (df < 1) throw std::invalid_argument("student_t_quantile: df must be at least 1");
+  return boost::math::quantile(boost::math::students_t_distribution<double>(df), p);
+}
+
+GapStatistics paired_gap(const std::vector<CellResult>& cells, const std::vector<CellResult>& baseline) {
+  std::vector<double> d, rel;
+  for (const CellResult& c : cells) {
+    if (c.status != "done") continue;
+    for (const CellResult& b : baseline) {
+      if (b.status == "done" && b.seed == c.seed) {
+        d.push_back(c.final_val_loss - b.final_val_loss);
+        rel.push_back((c.final_val_loss - b.final_val_loss) / b.final_val_loss);
+      }
+    }
+  }
+  GapStatistics g;
+  g.n = static_cast<int>(d.size());
+  g.mean = mean_of(d);
+  g.sd = sd_of(d);
+  g.relative_mean = mean_of(rel);
+  if (g.n >= 2) {
+    const double half = student_t_quantile(0.975, g.n - 1) * g.sd / std::sqrt(static_cast<double>(g.n));
+    g.ci_lo = g.mean - half;
+    g.ci_hi = g.mean + half;
+  }
+  return g;
+}
+
+json ablation_report(const std::vector<CellResult>& cells, const json& settings) {
+  // Groups keyed by (bits, rounding); fp32 (bits 32) sorts last by bits, so
+  // it is put first explicitly below.
+  std::map<std::pair<int, std::string>, std::vector<CellResult>> groups;
+  for (const CellResult& c : cells) groups[{c.bits, c.rounding}].push_back(c);
+  const std::vector<CellResult> none;
+  const auto fp32_it = groups.find({32, ""});
+  const std::vector<CellResult>& baseline = fp32_it == groups.end() ? none : fp32_it->second;
+  const double tokens_per_step = settings.value("batch", 0.0) * settings.value("context", 0.0);
+
+  json jcells = json::array();
+  for (const CellResult& c : cells) {
+    json j = {{"name", c.name},       {"bits", c.bits},   {"rounding", c.rounding},
+              {"seed", c.seed},       {"status", c.status}};
+    if (c.status == "failed") j["failure"] = c.failure;
+    if (c.status == "done") {
+      j["final_val_loss"] = c.final_val_loss;
+      j["final_train_loss"] = c.final_train_loss;
+      j["tokens_per_s"] = c.tokens_per_s;
+      j["peak_rss_mib"] = c.peak_rss_mib;
+      j["wall_s"] = c.wall_s;
+    }
+    j["saturated_fraction"] = c.saturated_fraction;
+    json curve = json::array();
+    for (const auto& [step, v] : c.val_curve) curve.push_back({step, v});
+    j["val_curve"] = curve;
+    jcells.push_back(j);
+  }
+
+  json jgroups = json::array();
+  auto add_group = [&](int bits, const std::string& rounding, const std::vector<CellResult>& g) {
+    std::vector<double> val, sat, tps, rss;
+    int failed = 0;
+    for (const CellResult& c : g) {
+      if (c.status == "failed") ++failed;
+      if (c.status != "done") continue;
+      val.push_back(c.final_val_loss);
+      sat.push_back(c.saturated_fraction);
+      tps.push_back(c.tokens_per_s);
+      rss.push_back(c.peak_rss_mib);
+    }
+    json j = {{"name", group_name(bits, rounding)}, {"bits", bits}, {"rounding", rounding},
+              {"seeds", static_cast<int>(g.size())}, {"done", static_cast<int>(val.size())}, {"failed", failed}};
+    if (!val.empty()) {
+      j["val_mean"] = mean_of(val);
+      j["val_sd"] = sd_of(val);
+      j["saturated_fraction"] = mean_of(sat);
+      j["tokens_per_s"] = mean_of(tps);
+      j["seconds_per_step"] = tokens_per_step > 0 ? tokens_per_step / mean_of(tps) : 0.0;
+      j["peak_rss_mib"] = mean_of(rss);
+    }
+    if (bits != 32) {
+      const GapStatistics gap = paired_gap(g, baseline);
+      j["gap"] = {{"n", gap.n}, {"mean", gap.mean}, {"sd", gap.sd}, {"relative_mean", gap.relative_mean}};
+      if (gap.ci_lo) j["gap"]["ci95"] = {*gap.ci_lo, *gap.ci_hi};
+    }
+    jgroups.push_back(j);
+  };
+  if (fp32_it != groups.end()) add_group(32, "", baseline);
+  for (const auto& [key, g] : groups) {
+    if (key.first != 32) add_group(key.first, key.second, g);
+  }
+
+  // Pareto: listed when no other group is strictly better on all three axes.
+  json pareto = json::array();
+  std::vector<const json*> ranked;
+  for (const json& a : jgroups) {
+    if (!a.contains("val_mean")) continue;
+    bool beaten = false;
+    for (const json& b : jgroups) {
+      if (&a == &b || !b.contains("val_mean")) continue;
+      beaten = beaten || (b["val_mean"].get<double>() < a["val_mean"].get<double>() &&
+                          b["bits"].get<int>() < a["bits"].get<int>() &&
+                          b["seconds_per_step"].get<double>() < a["seconds_per_step"].get<double>());
+    }
+    if (!beaten) ranked.push_back(&a);
+  }
+  std::sort(ranked.begin(), ranked.end(),
+            [](const json* x, const json* y) { return (*x)["val_mean"].get<double>() < (*y)["val_mean"].get<double>(); });
+  for (const json* g : ranked) pareto.push_back((*g)["name"]);
+
+  return {{"settings", settings}, {"cells", jcells}, {"groups", jgroups}, {"pareto", pareto}};
+}
+
+std::string ablation_markdown(const json& r) {
+  std::ostringstream md;
+  const json& s = r.at("settings");
+  md << "# Bit-width ablation\n\n";
+  md << "Model: " << s.value("layers", 0) << " layers, d = " << s.value("d_model", 0) << ", " << s.value("heads", 0)
+     << " heads, context " << s.value("context", 0) << ", batch " << s.value("batch", 0) << "; "
+     << s.value("steps", 0) << " SGD steps, peak lr " << s.value("lr", 0.0) << ", warmup " << s.value("warmup", 0)
+     << ", momentum " << s.value("momentum", 0.0) << ", init std " << s.value("init_std", 0.0) << "; data "
+     << s.value("data", std::string("?")) << ".\n\n";
+  md << "Final validation loss in nats per byte over the whole validation split. `gap` is the paired difference "
+        "to fp32 at the same seed (same initialisation and batches): mean, and its 95% Student-t interval over "
+        "seeds. Column meanings: docs/ablation.md.\n\n";
+  md << "| format | seeds | val loss (mean ± sd) | gap to fp32 | 95% CI of gap | gap % | saturated | tokens/s | "
+        "peak MiB |\n";
+  md << "|---|---|---|---|---|---|---|---|---|\n";
+  for (const json& g : r.at("groups")) {
+    md << "| " << g["name"].get<std::string>() << " | " << g["done"].get<int>() << "/" << g["seeds"].get<int>();
+    if (g["failed"].get<int>() > 0) md << " (" << g["failed"].get<int>() << " failed)";
+    md << " | ";
+    if (g.contains("val_mean")) {
+      md << fmt("%.4f", g["val_mean"].get<double>()) << " ± " << fmt("%.4f", g["val_sd"].get<double>());
+    } else {
+      md << "n/a";
+    }
+    md << " | ";
+    if (g.contains("gap") && g["gap"]["n"].get<int>() > 0) {
+      const json& gap = g["gap"];
+      md << fmt("%+.4f", gap["mean"].get<double>()) << " | ";
+      if (gap.contains("ci95")) {
+        md << "[" << fmt("%+.4f", gap["ci95"][0].get<double>()) << ", " << fmt("%+.4f", gap["ci95"][1].get<double>())
+           << "]";
+      } else {
+        md << "n/a (1 seed)";
+      }
+      md << " | " << fmt("%+.2f%%", 100.0 * gap["relative_mean"].get<double>());
+    } else {
+      md << (g["bits"].get<int>() == 32 ? "baseline | | " : "n/a | | ");
+    }
+    md << " | ";
+    if (g.contains("val_mean")) {
+      md << fmt("%.2e", g["saturated_fraction"].get<double>()) << " | " << fmt("%.0f", g["tokens_per_s"].get<double>())
+         << " | " << fmt("%.0f", g["peak_rss_mib"].get<double>());
+    } else {
+      md << " | | ";
+    }
+    md << " |\n";
+  }
+  md << "\n## Pareto front\n\nOver (mean validation loss, bits, seconds per step): a format is listed when no other "
+        "is strictly better on all three. Ordered by loss.\n\n";
+  for (const json& n : r.at("pareto")) md << "- " << n.get<std::string>() << "\n";
+  bool any_failed = false;
+  for (const json& c : r.at("cells")) {
+    if (c["status"] == "failed") {
+      if (!any_failed) md << "\n## Failed cells\n\n";
+      any_failed = true;
+      md << "- " << c["name"].get<std::string>() << ": " << c["failure"].get<std::string>() << "\n";
+    }
+  }
+  return md.str();
+}
+
+}  // namespace intrain

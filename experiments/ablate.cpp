@@ -1,0 +1,274 @@
+#include "experiments/ablate.h"
+
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+
+#include <nlohmann/json.hpp>
+
+#include "analysis/ablation_report.h"
+#include "experiments/run_lock.h"
+
+extern char** environ;
+
+namespace intrain {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+std::string AblationCell::name() const {
+  if (bits == 32) return "fp32_s" + std::to_string(seed);
+  return "int" + std::to_string(bits) + (rounding == "nearest" ? "-rn" : "-sr") + "_s" + std::to_string(seed);
+}
+
+std::string AblationCell::format() const { return bits == 32 ? "fp32" : "int" + std::to_string(bits); }
+
+void apply_quick(AblateOptions& o) {
+  o.bits = {4, 8, 12, 16};
+  o.seeds = 2;
+  TrainOptions& t = o.train;
+  t.layers = 2;
+  t.d_model = 64;
+  t.heads = 2;
+  t.context = 64;
+  t.batch = 8;
+  t.steps = 300;
+  t.warmup = 30;
+  t.eval_every = 50;
+  t.eval_windows = 16;
+}
+
+std::vector<AblationCell> ablation_grid(const AblateOptions& o) {
+  std::vector<AblationCell> cells;
+  for (int s = 1; s <= o.seeds; ++s) cells.push_back({32, "", s});
+  for (int b : o.bits) {
+    for (const std::string& r : o.roundings) {
+      for (int s = 1; s <= o.seeds; ++s) cells.push_back({b, r, s});
+    }
+  }
+  return cells;
+}
+
+namespace {
+
+// Shortest text that reads back as the same double, so a child parses
+// exactly the value the parent holds.
+std::string exact(double x) {
+  char buf[32];
+  const auto r = std::to_chars(buf, buf + sizeof buf, x);
+  return std::string(buf, r.ptr);
+}
+
+// The training settings every cell shares; also what DIR/sweep.json pins.
+json sweep_settings(const TrainOptions& t) {
+  return {{"layers", t.layers},   {"d_model", t.d_model},   {"heads", t.heads},       {"context", t.context},
+          {"batch", t.batch},     {"steps", t.steps},       {"warmup", t.warmup},     {"lr", t.lr},
+          {"momentum", t.momentum}, {"weight_decay", t.weight_decay}, {"init_std", t.init_std},
+          {"eval_every", t.eval_every}, {"eval_windows", t.eval_windows},
+          {"data", t.data ? fs::absolute(*t.data).string() : std::string("kjv")}};
+}
+
+std::vector<std::string> train_args(const TrainOptions& t, const AblationCell& c, const fs::path& dir, int threads,
+                                    bool resume) {
+  std::vector<std::string> a = {"train",         "--layers",       std::to_string(t.layers),
+                                "--d-model",     std::to_string(t.d_model), "--heads",
+                                std::to_string(t.heads),           "--context",
+                                std::to_string(t.context),         "--batch",
+                                std::to_string(t.batch),           "--steps",
+                                std::to_string(t.steps),           "--warmup",
+                                std::to_string(t.warmup),          "--lr",
+                                exact(t.lr),     "--momentum",     exact(t.momentum),
+                                "--weight-decay", exact(t.weight_decay), "--init-std",
+                                exact(t.init_std), "--format",     c.format(),
+                                "--seed",        std::to_string(c.seed), "--eval-every",
+                                std::to_string(t.eval_every),      "--eval-windows",
+                                std::to_string(t.eval_windows),    "--checkpoint-every",
+                                std::to_string(t.checkpoint_every), "--threads",
+                                std::to_string(threads),           "--quiet",
+                                "--out",         dir.string()};
+  if (c.bits != 32) a.insert(a.end(), {"--rounding", c.rounding});
+  if (t.data) a.insert(a.end(), {"--data", fs::absolute(*t.data).string()});
+  a.push_back(resume ? "--resume" : "--overwrite");
+  return a;
+}
+
+fs::path self_exe() {
+  std::error_code ec;
+  fs::path p = fs::read_symlink("/proc/self/exe", ec);
+  if (ec) throw std::runtime_error("ablate: cannot find this program's path (/proc/self/exe): " + ec.message());
+  return p;
+}
+
+// Starts `exe args...` with stdout and stderr appended to `log`.
+pid_t spawn(const fs::path& exe, const std::vector<std::string>& args, const fs::path& log) {
+  std::vector<std::string> argv_s = {exe.string()};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& s : argv_s) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
+  pid_t pid = 0;
+  const int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) throw std::runtime_error("ablate: cannot start " + exe.string() + ": " + std::strerror(rc));
+  return pid;
+}
+
+// The last non-empty line of a log: the error message of a failed cell.
+std::string last_line(const fs::path& log) {
+  std::ifstream in(log);
+  std::string line, last;
+  while (std::getline(in, line)) {
+    if (line.find_first_not_of(" \r\t") != std::string::npos) last = line;
+  }
+  return last;
+}
+
+void write_text_atomically(const fs::path& p, const std::string& text) {
+  const fs::path tmp = p.string() + ".tmp";
+  {
+    std::ofstream out(tmp);
+    out << text;
+    if (!out) throw std::runtime_error(tmp.string() + ": cannot write");
+  }
+  fs::rename(tmp, p);
+}
+
+// Pins the sweep's training settings in DIR/sweep.json, or checks them
+// against the ones a previous ablate into DIR recorded.
+void pin_settings(const fs::path& dir, const json& settings) {
+  const fs::path p = dir / "sweep.json";
+  if (fs::exists(p)) {
+    std::ifstream in(p);
+    json old;
+    try {
+      old = json::parse(in);
+    } catch (const json::exception& e) {
+      throw std::runtime_error(p.string() + ": not valid JSON (" + e.what() + "); remove it or choose another --out");
+    }
+    for (const auto& [k, v] : settings.items()) {
+      if (!old.contains(k) || old[k] != v) {
+        throw std::runtime_error(dir.string() + " holds a sweep with " + k + " = " +
+                                 (old.contains(k) ? old[k].dump() : std::string("(unset)")) + ", not " + v.dump() +
+                                 ": its finished cells would not be comparable. Use the same settings to resume it, "
+                                 "or choose another --out");
+      }
+    }
+    return;
+  }
+  fs::create_directories(dir);
+  write_text_atomically(p, settings.dump(2) + "\n");
+}
+
+}  // namespace
+
+int run_ablate(const AblateOptions& o) {
+  if (o.seeds < 1) throw std::invalid_argument("--seeds must be at least 1");
+  if (o.jobs < 1) throw std::invalid_argument("--jobs must be at least 1");
+  for (int b : o.bits) {
+    if (b < 2 || b > 16) throw std::invalid_argument("--bits: " + std::to_string(b) + " is outside 2..16");
+  }
+  for (const std::string& r : o.roundings) {
+    if (r != "nearest" && r != "stochastic")
+      throw std::invalid_argument("--rounding: '" + r + "' is not one of nearest, stochastic");
+  }
+  const json settings = sweep_settings(o.train);
+  const RunLock lock(o.out, "intrain ablate");
+  pin_settings(o.out, settings);
+  const fs::path cells_dir = o.out / "cells";
+  fs::create_directories(cells_dir);
+  const std::vector<AblationCell> grid = ablation_grid(o);
+
+  if (!o.report_only) {
+    // Cells still to run: no summary.json; failed ones only with --retry-failed.
+    std::vector<AblationCell> todo;
+    int skipped = 0;
+    for (const AblationCell& c : grid) {
+      const fs::path d = cells_dir / c.name();
+      if (fs::exists(d / "summary.json") || (fs::exists(d / "failed.json") && !o.retry_failed)) {
+        ++skipped;
+        continue;
+      }
+      todo.push_back(c);
+    }
+    std::fprintf(stderr, "ablate: %zu cells, %d already finished, %zu to run (%d at a time)\n", grid.size(), skipped,
+                 todo.size(), o.jobs);
+    const fs::path exe = self_exe();
+    const int threads = o.train.threads > 0 ? o.train.threads : (o.jobs > 1 ? 1 : 0);
+    std::map<pid_t, AblationCell> running;
+    std::size_t next = 0, finished = 0;
+    while (next < todo.size() || !running.empty()) {
+      while (next < todo.size() && static_cast<int>(running.size()) < o.jobs) {
+        const AblationCell& c = todo[next++];
+        const fs::path d = cells_dir / c.name();
+        fs::remove(d / "failed.json");
+        const bool resume = fs::exists(d / "train_state.safetensors");
+        const pid_t pid = spawn(exe, train_args(o.train, c, d, threads, resume), cells_dir / (c.name() + ".log"));
+        running.emplace(pid, c);
+      }
+      int status = 0;
+      const pid_t pid = waitpid(-1, &status, 0);
+      if (pid < 0) throw std::runtime_error(std::string("ablate: waitpid failed: ") + std::strerror(errno));
+      const auto it = running.find(pid);
+      if (it == running.end()) continue;
+      const AblationCell c = it->second;
+      running.erase(it);
+      ++finished;
+      const fs::path d = cells_dir / c.name();
+      const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0 && fs::exists(d / "summary.json");
+      if (!ok) {
+        const std::string msg = WIFSIGNALED(status) ? "killed by signal " + std::to_string(WTERMSIG(status))
+                                                    : last_line(cells_dir / (c.name() + ".log"));
+        fs::create_directories(d);
+        write_text_atomically(d / "failed.json", json{{"message", msg}, {"status", status}}.dump(2) + "\n");
+        std::fprintf(stderr, "ablate: [%zu/%zu] %s FAILED: %s\n", finished, todo.size(), c.name().c_str(), msg.c_str());
+      } else {
+        std::ifstream in(d / "summary.json");
+        const json s = json::parse(in);
+        std::fprintf(stderr, "ablate: [%zu/%zu] %s  val %.4f  %.0f tok/s  %.0f s\n", finished, todo.size(),
+                     c.name().c_str(), s.value("final_val_loss", 0.0), s.value("tokens_per_s", 0.0),
+                     s.value("wall_s", 0.0));
+      }
+    }
+  }
+
+  std::vector<CellResult> results;
+  int failed = 0;
+  for (const AblationCell& c : grid) {
+    results.push_back(load_cell(cells_dir / c.name(), c.bits, c.rounding, c.seed));
+    failed += results.back().status == "failed";
+  }
+  const json report = ablation_report(results, settings);
+  write_text_atomically(o.out / "ablation.json", report.dump(2) + "\n");
+  const std::string md = ablation_markdown(report);
+  write_text_atomically(o.out / "ablation.md", md);
+  std::printf("%s", md.c_str());
+
+  if (o.plots) {
+    const fs::path script = fs::path(INTRAIN_SOURCE_DIR) / "analysis" / "plot_ablation.py";
+    const std::string cmd = "/usr/bin/python3 '" + script.string() + "' '" + o.out.string() + "'";
+    if (!fs::exists(script)) {
+      std::fprintf(stderr, "ablate: plots skipped: %s not found\n", script.c_str());
+    } else if (std::system(cmd.c_str()) != 0) {
+      std::fprintf(stderr, "ablate: plots skipped (needs python3-matplotlib); the report is complete without them\n");
+    }
+  }
+  std::fprintf(stderr, "ablate: report in %s/ablation.md and ablation.json\n", o.out.c_str());
+  return failed;
+}
+
+}  // namespace intrain

@@ -1,0 +1,60 @@
+// Shared helpers for the suites that run training: a small corpus, scratch
+// folders, and the `intrain` binary run as a child process.
+#pragma once
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace intrain::testing {
+
+namespace fs = std::filesystem;
+
+// A small corpus file: deterministic, text, large enough for both splits.
+inline fs::path tiny_corpus() {
+  const fs::path p = fs::temp_directory_path() / "intrain_test_corpus.txt";
+  if (!fs::exists(p)) {
+    // Written under a private name, then renamed: suites running side by side
+    // never read a half-written file.
+    const fs::path tmp = p.string() + "." + std::to_string(::getpid());
+    {
+      std::ofstream f(tmp);
+      for (int i = 0; i < 400; ++i)
+        f << "In the beginning was the word " << i % 17 << ", and the word was with " << (i * 7) % 13 << ".\n";
+    }
+    fs::rename(tmp, p);
+  }
+  return p;
+}
+
+inline fs::path fresh_dir(const std::string& name) {
+  const fs::path d = fs::temp_directory_path() / ("intrain_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  return d;
+}
+
+inline std::string file_bytes(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+// The CLI, run as a child process with its output captured.
+inline int run_cli(const std::string& args, std::string* output) {
+  const std::string cmd = std::string(INTRAIN_BINARY_DIR) + "/intrain " + args + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[512];
+  while (p && std::fgets(buf, sizeof buf, p)) out += buf;
+  const int status = p ? ::pclose(p) : -1;
+  if (output) *output = out;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+}  // namespace intrain::testing
