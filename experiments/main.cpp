@@ -37,6 +37,9 @@ void add_training_flags(CLI::App* app, intrain::TrainOptions& t) {
       ->check(CLI::NonNegativeNumber);
   app->add_option("--eval-windows", t.eval_windows, "Validation windows per periodic evaluation")
       ->check(CLI::NonNegativeNumber);
+  app->add_option("--final-eval-windows", t.final_eval_windows,
+                  "Validation windows of the final evaluation (0: the whole validation split)")
+      ->check(CLI::NonNegativeNumber);
   app->add_option("--checkpoint-every", t.checkpoint_every, "Checkpoint every N steps (and at the end)")
       ->check(CLI::NonNegativeNumber);
 }
@@ -103,7 +106,7 @@ int main(int argc, char** argv) {
   ablate->add_option("--out", ab.out, "Sweep folder (cells, ablation.json, ablation.md, plots)");
   ablate->add_option("--data", ablate_data, "Training text file (default: the KJV)");
   ablate->add_flag("--quick", ablate_quick,
-                   "Small model and grid (bits 4,8,12,16, 2 seeds, 300 steps); explicit flags override it");
+                   "Small model and grid (2 layers, context 32, bits 4,8,12,16, 2 seeds, 400 steps); explicit flags override it");
   ablate->add_flag("--retry-failed", ab.retry_failed, "Run cells that failed before again");
   ablate->add_flag("--report-only", ab.report_only, "Rebuild the report from the cells present; run nothing");
   ablate->add_flag("!--no-plots", ab.plots, "Do not run the plotting script");
@@ -138,6 +141,7 @@ int main(int argc, char** argv) {
         keep("--warmup", ab.train.warmup, q.train.warmup);
         keep("--eval-every", ab.train.eval_every, q.train.eval_every);
         keep("--eval-windows", ab.train.eval_windows, q.train.eval_windows);
+        keep("--final-eval-windows", ab.train.final_eval_windows, q.train.final_eval_windows);
         keep("--jobs", ab.jobs, 2);
       }
       if (!ablate_data.empty()) ab.train.data = ablate_data;

@@ -200,7 +200,7 @@ TrainResult run_train(const TrainOptions& o) {
       val_field = std::to_string(last_val);
     }
     if (last) {
-      last_val = validation_loss(model, corpus, B, T, 0, o.seed);  // the whole validation split
+      last_val = validation_loss(model, corpus, B, T, o.final_eval_windows, o.seed);  // 0: the whole split
       val_field = std::to_string(last_val);
     }
     const double tps = static_cast<double>(B) * T / dt;
@@ -244,10 +244,20 @@ TrainResult run_train(const TrainOptions& o) {
   j["parameters"] = nparams;
   j["commit"] = build_commit();
   j["threads"] = omp_get_max_threads();
-  j["config"] = {{"layers", o.layers},     {"d_model", o.d_model},   {"heads", o.heads},
-                 {"context", o.context},   {"batch", o.batch},       {"lr", o.lr},
-                 {"warmup", o.warmup},     {"momentum", o.momentum}, {"weight_decay", o.weight_decay}, {"init_std", o.init_std},
-                 {"rounding", o.rounding}, {"seed", o.seed},         {"data", corpus.name},
+  j["config"] = {{"layers", o.layers},
+                 {"d_model", o.d_model},
+                 {"heads", o.heads},
+                 {"context", o.context},
+                 {"batch", o.batch},
+                 {"lr", o.lr},
+                 {"warmup", o.warmup},
+                 {"momentum", o.momentum},
+                 {"weight_decay", o.weight_decay},
+                 {"init_std", o.init_std},
+                 {"rounding", o.rounding},
+                 {"seed", o.seed},
+                 {"final_eval_windows", o.final_eval_windows},
+                 {"data", corpus.name},
                  {"resumed_from_step", start}};
   write_json_atomically(summary_path, j);
   return r;

@@ -24,7 +24,8 @@ struct TrainOptions {
   bool save_init = false;     // also write the initial weights to --out/init.safetensors
   int threads = 0;
   long eval_every = 100;      // validation loss every N steps (and at the end)
-  long eval_windows = 64;     // validation windows per evaluation (0: the whole split)
+  long eval_windows = 64;     // validation windows per periodic evaluation (0: the whole split)
+  long final_eval_windows = 0;  // validation windows of the final evaluation (0: the whole split)
   long checkpoint_every = 500;
   bool quiet = false;         // no live progress line
 };
