@@ -48,8 +48,9 @@ struct StepTerms {
   double update_r2 = 0.0;  // SR: E||r||^2 of the update rounding; RN: max ||r||^2
 };
 
-// Free parameters of Young's inequality in the derivation; every choice gives
-// a valid bound, so SgdBound takes the pointwise minimum over a list of them.
+// Free parameters of Young's inequality in the derivation. Every choice gives
+// a valid one-step inequality, so SgdBound picks, at every step, the one of a
+// list that gives the smallest bound (docs/convergence.md §6).
 struct Tuning {
   double eps1 = 0.5;  // splits the delta-bias term (used when delta > 0)
   double eps2 = 0.5;  // splits the eps_abs term (used when eps_abs > 0)
@@ -70,8 +71,10 @@ struct BoundPoint {
   long step = 0;                 // PL: the bound on E f(x_step) - f*; gradient norm: over x_0..x_{step-1}
   double value = 0.0;            // the bound (+inf where no bound follows)
   double log10_transient = 0.0;  // PL: log10 of gap0 * prod rho (the decaying part; far below double's range
-                                 // after many steps, hence evaluated in multiprecision); -inf if gap0 = 0
-  double noise = 0.0;            // PL: the accumulated floor part sum_j N_j prod_{i>j} rho_i
+                                 // after many steps, hence evaluated in multiprecision); -inf if gap0 = 0.
+                                 // Non-convex: log10(1 / P_K), P_K the product of the growth factors.
+  double noise = 0.0;            // PL: the accumulated floor part sum_j N_j prod_{i>j} rho_i;
+                                 // non-convex: sum_k N_k / P_{k+1}
 };
 
 enum class Arithmetic { Double, Multiprecision };

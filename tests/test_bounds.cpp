@@ -12,6 +12,7 @@
 #include "analysis/estimators.h"
 #include "core/quantize.h"
 #include "core/rng.h"
+#include "experiments/bound.h"
 
 namespace intrain {
 namespace {
@@ -265,6 +266,35 @@ TEST(ConvexProblem, SuboptimalityStaysUnderTheBound) {
                   run.suboptimality.back(), run.bound.back().value, run.max_ratio, run.flushed_fraction);
     }
   }
+}
+
+// ---- intrain bound ---------------------------------------------------------------
+
+TEST(BoundCommand, PlansARunAndRejectsMissingConstants) {
+  BoundOptions o;
+  o.format = "int8";
+  o.steps = 200;
+  o.warmup = 20;
+  o.log_every = 50;
+  o.L = 20;
+  o.sigma2 = 1;
+  o.grad_max = 0.01;
+  o.weight_max = 0.5;
+  o.params = 1000;
+  o.mu = 0.01;
+  const nlohmann::json j = run_bound(o);
+  ASSERT_EQ(j["steps"].size(), 4u);
+  EXPECT_EQ(j["steps"][3]["step"], 200);
+  EXPECT_GT(j["steps"][3]["suboptimality_bound"].get<double>(), 0.0);
+  BoundOptions bad = o;
+  bad.L = -1;
+  EXPECT_THROW(run_bound(bad), std::invalid_argument);
+  bad = o;
+  bad.grad_max = -1;
+  EXPECT_THROW(run_bound(bad), std::invalid_argument);
+  bad = o;
+  bad.warmup = 500;
+  EXPECT_THROW(run_bound(bad), std::invalid_argument);
 }
 
 }  // namespace
