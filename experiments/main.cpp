@@ -7,6 +7,7 @@
 #include <string>
 
 #include "experiments/ablate.h"
+#include "experiments/bound.h"
 #include "experiments/evaluate.h"
 #include "experiments/selfcheck.h"
 #include "experiments/train.h"
@@ -111,6 +112,24 @@ int main(int argc, char** argv) {
   ablate->add_flag("--report-only", ab.report_only, "Rebuild the report from the cells present; run nothing");
   ablate->add_flag("!--no-plots", ab.plots, "Do not run the plotting script");
   add_training_flags(ablate, ab.train);
+  intrain::BoundOptions bo;
+  auto* bound = app.add_subcommand("bound", "Convergence bound of a planned SGD run, before it is spent (docs/convergence.md)");
+  add_format_flags(bound, bo.format, bo.rounding);
+  bound->add_option("--lr", bo.lr, "Peak learning rate")->check(CLI::PositiveNumber);
+  bound->add_option("--steps", bo.steps, "Optimizer steps")->check(CLI::Range(1L, 100000000L));
+  bound->add_option("--warmup", bo.warmup, "Linear warmup steps")->check(CLI::NonNegativeNumber);
+  bound->add_option("--final-lr-fraction", bo.final_lr_fraction, "Cosine floor as a fraction of --lr")->check(CLI::Range(0.0, 1.0));
+  bound->add_option("--L", bo.L, "Smoothness constant (required; estimate on a probe run)")->required();
+  bound->add_option("--sigma2", bo.sigma2, "Minibatch gradient variance (required; estimate on a probe run)")->required();
+  bound->add_option("--mu", bo.mu, "PL constant; 0 (default): non-convex bound only")->check(CLI::NonNegativeNumber);
+  bound->add_option("--gap", bo.gap, "f(x0) - f_inf (default ln 256: a byte model's initial loss, f_inf = 0)");
+  bound->add_option("--grad-max", bo.grad_max, "Typical per-tensor max |gradient| (required for integer formats)");
+  bound->add_option("--weight-max", bo.weight_max, "Typical per-tensor max |weight| (required for integer formats)");
+  bound->add_option("--delta", bo.delta, "Relative gradient bias (default: from the A and E formats)");
+  bound->add_option("--params", bo.params, "Parameter count (default: the GPT of --layers, --d-model)");
+  bound->add_option("--layers", bo.layers, "Transformer blocks, for the parameter count")->check(CLI::Range(1, 64));
+  bound->add_option("--d-model", bo.d_model, "Model width, for the parameter count")->check(CLI::Range(8, 4096));
+  bound->add_option("--log-every", bo.log_every, "Print every N steps")->check(CLI::PositiveNumber);
 
   CLI11_PARSE(app, argc, argv);
   try {
@@ -150,6 +169,10 @@ int main(int argc, char** argv) {
     if (*eval) {
       if (!eval_data.empty()) ev.data = eval_data;
       std::cout << intrain::run_eval(ev).dump() << std::endl;
+      return 0;
+    }
+    if (*bound) {
+      intrain::run_bound(bo);
       return 0;
     }
     if (*sample) {
