@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <regex>
 #include <sstream>
 #include <stdexcept>
@@ -86,14 +87,24 @@ template <class T> INTRAIN_INLINE AbsStats abs_stats_body(const T* x, std::int64
 INTRAIN_CLONES AbsStats abs_stats(const std::int8_t* x, std::int64_t n) { return abs_stats_body(x, n); }
 INTRAIN_CLONES AbsStats abs_stats(const std::int16_t* x, std::int64_t n) { return abs_stats_body(x, n); }
 
-// Whether any |x[i]| >= t in the block (branch-free, vectorises).
-template <class T> INTRAIN_INLINE bool any_at_least_body(const T* x, std::int64_t n, std::int32_t t) {
-  std::int32_t any = 0;
-  for (std::int64_t i = 0; i < n; ++i) any |= static_cast<std::int32_t>(abs32(x[i]) >= t);
-  return any != 0;
+// flag[i] = |x[i]| >= t; returns how many are set (branch-free, vectorises).
+template <class T>
+INTRAIN_INLINE std::int32_t flag_at_least_body(const T* __restrict x, std::int64_t n, std::int32_t t,
+                                               std::uint8_t* __restrict flag) {
+  std::int32_t count = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int32_t f = abs32(x[i]) >= t;
+    flag[i] = static_cast<std::uint8_t>(f);
+    count += f;
+  }
+  return count;
 }
-INTRAIN_CLONES bool any_at_least(const std::int8_t* x, std::int64_t n, std::int32_t t) { return any_at_least_body(x, n, t); }
-INTRAIN_CLONES bool any_at_least(const std::int16_t* x, std::int64_t n, std::int32_t t) { return any_at_least_body(x, n, t); }
+INTRAIN_CLONES std::int32_t flag_at_least(const std::int8_t* x, std::int64_t n, std::int32_t t, std::uint8_t* f) {
+  return flag_at_least_body(x, n, t, f);
+}
+INTRAIN_CLONES std::int32_t flag_at_least(const std::int16_t* x, std::int64_t n, std::int32_t t, std::uint8_t* f) {
+  return flag_at_least_body(x, n, t, f);
+}
 
 template <class F> decltype(auto) visit_narrow(const Tensor& x, F&& f) {
   if (x.dtype() == DType::I8) return f(x.data<std::int8_t>());
@@ -240,19 +251,27 @@ OutlierSplit outlier_split(const Tensor& x, const OutlierPolicy& policy, RngKey 
       requantize_kernel(p + b, bulk + b, e - b, shift, mode, key, -127, 127, static_cast<std::uint32_t>(b));
       if (tau >= max_abs && tie_end <= b) return;  // no outlier can be in this chunk
       Found& f = found[static_cast<std::size_t>(c)];
-      constexpr std::int64_t kBlock = 256;
+      // Flags per block, then a word-at-a-time scan of the flags: the cost
+      // per element is two vector passes, plus scalar work per outlier only.
+      constexpr std::int64_t kBlock = 1024;
+      alignas(64) std::uint8_t flag[kBlock];
       for (std::int64_t b0 = b; b0 < e; b0 += kBlock) {
-        const std::int64_t e0 = std::min(e, b0 + kBlock);
+        const std::int64_t n0 = std::min(e, b0 + kBlock) - b0;
         const std::int64_t t = tie_end > b0 ? tau : tau + 1;  // a tie may count below tie_end
-        if (!any_at_least(p + b0, e0 - b0, static_cast<std::int32_t>(std::max<std::int64_t>(t, 0)))) continue;
-        for (std::int64_t i = b0; i < e0; ++i) {
-          const std::int32_t a = abs32(p[i]);
-          if (!(a > tau || (a == tau && i < tie_end))) continue;
-          const std::int64_t v = shift_round(p[i], shift, mode, key.bits(static_cast<std::uint32_t>(i)));
-          const std::int64_t h = std::clamp<std::int64_t>(shift_round_nearest(v, kOutlierShift), -127, 127);
-          bulk[i] = static_cast<std::int8_t>(v - h * (1 << kOutlierShift));  // |low| <= 127: see the header
-          f.index.push_back(i);
-          f.high.push_back(static_cast<std::int8_t>(h));
+        if (flag_at_least(p + b0, n0, static_cast<std::int32_t>(std::max<std::int64_t>(t, 0)), flag) == 0) continue;
+        for (std::int64_t w = 0; w < n0; w += 8) {
+          std::uint64_t word = 0;
+          std::memcpy(&word, flag + w, static_cast<std::size_t>(std::min<std::int64_t>(8, n0 - w)));
+          for (; word != 0; word &= word - 1) {
+            const std::int64_t i = b0 + w + __builtin_ctzll(word) / 8;
+            const std::int32_t a = abs32(p[i]);
+            if (!(a > tau || (a == tau && i < tie_end))) continue;
+            const std::int64_t v = shift_round(p[i], shift, mode, key.bits(static_cast<std::uint32_t>(i)));
+            const std::int64_t h = std::clamp<std::int64_t>(shift_round_nearest(v, kOutlierShift), -127, 127);
+            bulk[i] = static_cast<std::int8_t>(v - h * (1 << kOutlierShift));  // |low| <= 127: see the header
+            f.index.push_back(i);
+            f.high.push_back(static_cast<std::int8_t>(h));
+          }
         }
       }
     });
@@ -377,42 +396,53 @@ std::vector<std::int64_t> compose(const std::vector<std::int64_t>* outer, const 
   return m;
 }
 
-// Rows (`rows_of_op`) or columns of op(X) at `idx`, as a dense block of
-// `pad` rows or columns (zero padding) in format f. For a split X the values
-// are the merged ones (f = fixed(15)).
-Tensor gather(const TiledOperand& X, Trans t, bool rows_of_op, const std::vector<std::int64_t>& idx, std::int64_t pad,
-              const Format& f) {
+// Rows (`rows_of_op`) or columns of op(X) at `idx`, padded with zeros to
+// `pad` lines, in format f (for a split X, the merged values: f = fixed(15)).
+// The block keeps X's orientation, so every copy reads and writes along
+// storage rows: op_t(block) is the gathered op(X)[idx, :] or op(X)[:, idx].
+struct Gathered {
+  Tensor block;
+  Trans t;
+};
+Gathered gather(const TiledOperand& X, Trans t, bool rows_of_op, const std::vector<std::int64_t>& idx,
+                std::int64_t pad, const Format& f) {
   const Tensor& D = X.dense();
-  const std::int64_t opr = t == Trans::N ? D.rows() : D.cols(), opc = t == Trans::N ? D.cols() : D.rows();
-  Tensor G(rows_of_op ? Shape{pad, opc} : Shape{opr, pad}, f);
-  const std::int64_t cols = D.cols(), gc = G.cols();
-  // Storage element of op(X) at (i, j), and where it lands in G (q: position in idx).
+  const std::int64_t rows = D.rows(), cols = D.cols();
+  const bool storage_rows = rows_of_op == (t == Trans::N);  // the lines are storage rows
+  Gathered g{Tensor(storage_rows ? Shape{pad, cols} : Shape{rows, pad}, f), t};
+  const std::int64_t gc = g.block.cols();
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(storage_rows ? rows : cols), -1);
+  for (std::size_t q = 0; q < idx.size(); ++q) pos[static_cast<std::size_t>(idx[q])] = static_cast<std::int64_t>(q);
   visit_int(D, [&](const auto* x) {
-    visit_int(G, [&](auto* g) {
-      using TG = std::remove_pointer_t<decltype(g)>;
-      auto at = [&](std::int64_t i, std::int64_t j) { return t == Trans::N ? x[i * cols + j] : x[j * cols + i]; };
-      for (std::size_t q = 0; q < idx.size(); ++q) {
-        const std::int64_t k = idx[q];
-        if (rows_of_op) {
-          for (std::int64_t j = 0; j < opc; ++j) g[static_cast<std::int64_t>(q) * gc + j] = static_cast<TG>(at(k, j));
-        } else {
-          for (std::int64_t i = 0; i < opr; ++i) g[i * gc + static_cast<std::int64_t>(q)] = static_cast<TG>(at(i, k));
+    visit_int(g.block, [&](auto* o) {
+      using TO = std::remove_pointer_t<decltype(o)>;
+      if (storage_rows) {
+        for (std::size_t q = 0; q < idx.size(); ++q) {
+          const auto* src = x + idx[q] * cols;
+          TO* dst = o + static_cast<std::int64_t>(q) * gc;
+          for (std::int64_t j = 0; j < cols; ++j) dst[j] = static_cast<TO>(src[j]);
+        }
+      } else {
+        for (std::int64_t r = 0; r < rows; ++r) {
+          const auto* src = x + r * cols;
+          TO* dst = o + r * gc;
+          for (std::size_t q = 0; q < idx.size(); ++q) dst[q] = static_cast<TO>(src[idx[q]]);
         }
       }
     });
   });
   if (X.is_split()) {
-    std::vector<std::int64_t> pos(static_cast<std::size_t>(rows_of_op ? opr : opc), -1);
-    for (std::size_t q = 0; q < idx.size(); ++q) pos[static_cast<std::size_t>(idx[q])] = static_cast<std::int64_t>(q);
-    std::int16_t* g = G.data<std::int16_t>();
-    for (const Entry& e : entries(X.split(), t)) {
-      const std::int64_t q = pos[static_cast<std::size_t>(rows_of_op ? e.i : e.j)];
+    const OutlierSplit& s = X.split();
+    std::int16_t* o = g.block.data<std::int16_t>();
+    for (std::size_t j = 0; j < s.index.size(); ++j) {
+      const std::int64_t r = s.index[j] / cols, c = s.index[j] % cols;
+      const std::int64_t q = pos[static_cast<std::size_t>(storage_rows ? r : c)];
       if (q < 0) continue;
-      const std::int64_t at = rows_of_op ? q * gc + e.j : e.i * gc + q;
-      g[at] = static_cast<std::int16_t>(g[at] + e.high * (1 << kOutlierShift));
+      const std::int64_t at = storage_rows ? q * gc + c : r * gc + q;
+      o[at] = static_cast<std::int16_t>(o[at] + s.high[j] * (1 << kOutlierShift));
     }
   }
-  return G;
+  return g;
 }
 
 Format gathered_format(const TiledOperand& X) { return X.is_split() ? Format::fixed(15) : X.dense().format(); }
@@ -447,8 +477,8 @@ void sparse_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans t
     Tensor G({M, pad}, Format::fixed(8));
     std::int8_t* g = G.data<std::int8_t>();
     for (const Entry& x : e) g[x.i * pad + ks.pos[static_cast<std::size_t>(x.j)]] = x.high;
-    const Tensor Bg = gather(B, tb, /*rows_of_op=*/true, ks.list, pad, gathered_format(B));
-    add_into(d, matmul(G, Bg), shift);
+    const Gathered Bg = gather(B, tb, /*rows_of_op=*/true, ks.list, pad, gathered_format(B));
+    add_into(d, matmul(G, Bg.block, Trans::N, Bg.t), shift);
   }
 }
 
@@ -476,8 +506,8 @@ void sparse_right(const Tensor& A, Trans ta, const OutlierSplit& S, Trans tb, co
     Tensor G({pad, N}, Format::fixed(8));
     std::int8_t* g = G.data<std::int8_t>();
     for (const Entry& x : e) g[ks.pos[static_cast<std::size_t>(x.i)] * N + x.j] = x.high;
-    const Tensor Ag = gather(TiledOperand(A), ta, /*rows_of_op=*/false, ks.list, pad, A.format());
-    add_into(d, matmul(Ag, G), shift);
+    const Gathered Ag = gather(TiledOperand(A), ta, /*rows_of_op=*/false, ks.list, pad, A.format());
+    add_into(d, matmul(Ag.block, G, Ag.t, Trans::N), shift);
   }
 }
 
