@@ -54,6 +54,41 @@ std::string OutlierPolicy::name() const {
   return s.str();
 }
 
+OutlierTiling OutlierTiling::parse(const std::string& roles, const std::string& threshold) {
+  OutlierTiling t;
+  t.policy = OutlierPolicy::parse(threshold);
+  std::stringstream ss(roles);
+  std::string role;
+  while (std::getline(ss, role, ',')) {
+    if (role == "a") {
+      t.a = true;
+    } else if (role == "e") {
+      t.e = true;
+    } else {
+      throw std::invalid_argument("--outlier-tiling '" + roles + "': unknown role '" + role +
+                                  "'; give a comma list of a (layer inputs) and e (errors), e.g. a,e");
+    }
+  }
+  return t;
+}
+
+OutlierTiling OutlierTiling::parse_name(const std::string& name) {
+  std::smatch m;
+  if (!std::regex_match(name, m, std::regex(R"(tile-(a?)(e?)@(.+))")) || (m[1].length() + m[2].length() == 0)) {
+    throw std::invalid_argument("format suffix '+" + name + "': not an outlier tiling name such as +tile-ae@rms:5");
+  }
+  OutlierTiling t;
+  t.a = m[1].length() > 0;
+  t.e = m[2].length() > 0;
+  t.policy = OutlierPolicy::parse(m[3], "format suffix '+" + name + "'");
+  return t;
+}
+
+std::string OutlierTiling::name() const {
+  if (!any()) return "";
+  return std::string("tile-") + (a ? "a" : "") + (e ? "e" : "") + "@" + policy.name();
+}
+
 // ---------------------------------------------------------------------------
 // Selection and statistics
 // ---------------------------------------------------------------------------

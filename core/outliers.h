@@ -126,3 +126,25 @@ class TiledOperand {
 Tensor matmul_tiled(const TiledOperand& A, const TiledOperand& B, Trans ta = Trans::N, Trans tb = Trans::N);
 
 }  // namespace intrain
+
+namespace intrain {
+
+// Which matmul operands of the linear layers are split (--outlier-tiling),
+// and by which rule (--outlier-threshold). Roles: A, the layer inputs
+// (forward, and the weight gradient's left operand); E, the errors dY
+// (backward: dX and the weight gradient's right operand). The producers of
+// those operands then write 16 bits (the split's source); everything else
+// keeps the run's formats.
+struct OutlierTiling {
+  bool a = false, e = false;
+  OutlierPolicy policy;
+
+  bool any() const { return a || e; }
+  // roles: "" (off), "a", "e", "a,e" or "e,a". Throws std::invalid_argument
+  // naming the flag for a bad role list or threshold.
+  static OutlierTiling parse(const std::string& roles, const std::string& threshold);
+  std::string name() const;  // "" when off, else "tile-ae@rms:5"
+  static OutlierTiling parse_name(const std::string& name);  // the inverse of name(), for checkpoints
+};
+
+}  // namespace intrain
