@@ -9,6 +9,7 @@ std::string Precision::name() const {
   if (is_float()) return "fp32";
   std::string s = "w" + std::to_string(w.bits()) + "a" + std::to_string(a.bits()) + "e" + std::to_string(e.bits()) +
                   "g" + std::to_string(g.bits());
+  if (tiling.any()) s += "+" + tiling.name();
   return s + (w.rounding() == Rounding::Stochastic ? "-sr" : "-rn");
 }
 
@@ -18,6 +19,11 @@ Precision Precision::parse(const std::string& spec, Rounding rounding) {
                                 "; use fp32, int8, int16, intB (B = 2..16) or wXaYeZgV, e.g. w8a8e8g8");
   };
   if (spec == "fp32") return Precision{};
+  if (const auto plus = spec.find('+'); plus != std::string::npos) {  // a name() with outlier tiling
+    Precision p = parse(spec.substr(0, plus), rounding);
+    p.tiling = OutlierTiling::parse_name(spec.substr(plus + 1));
+    return p;
+  }
   std::smatch m;
   auto fixed = [&](const std::string& bits) {
     const int b = std::stoi(bits);
@@ -26,10 +32,10 @@ Precision Precision::parse(const std::string& spec, Rounding rounding) {
   };
   if (std::regex_match(spec, m, std::regex(R"(int(\d{1,2}))"))) {
     const Format f = fixed(m[1]);
-    return Precision{f, f, f, f};
+    return Precision{f, f, f, f, {}};
   }
   if (std::regex_match(spec, m, std::regex(R"(w(\d{1,2})a(\d{1,2})e(\d{1,2})g(\d{1,2}))"))) {
-    return Precision{fixed(m[1]), fixed(m[2]), fixed(m[3]), fixed(m[4])};
+    return Precision{fixed(m[1]), fixed(m[2]), fixed(m[3]), fixed(m[4]), {}};
   }
   return fail("not a known spelling");
 }

@@ -70,6 +70,10 @@ int main(int argc, char** argv) {
   train->add_flag("--save-init", tr.save_init, "Also write the initial weights to --out/init.safetensors");
   train->add_option("--threads", tr.threads, "OpenMP threads (0: default)")->check(CLI::NonNegativeNumber);
   train->add_flag("--quiet", tr.quiet, "No progress line");
+  train->add_option("--outlier-tiling", tr.outlier_tiling,
+                    "Split these linear-layer operands into an int8 bulk and int8 outliers: a (inputs), e (errors), or a,e");
+  train->add_option("--outlier-threshold", tr.outlier_threshold,
+                    "Outliers for --outlier-tiling: rms:G (above G x rms, default rms:5), pct:P or top:K");
 
   intrain::EvalOptions ev;
   std::string eval_data;

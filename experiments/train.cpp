@@ -115,7 +115,9 @@ TrainResult run_train(const TrainOptions& o) {
   if (o.steps < 1) throw std::invalid_argument("--steps must be at least 1");
   if (o.batch < 1) throw std::invalid_argument("--batch must be at least 1");
   if (!(o.lr > 0.0)) throw std::invalid_argument("--lr must be positive");
-  const Precision prec = Precision::parse(o.format, parse_rounding(o.rounding));
+  Precision prec = Precision::parse(o.format, parse_rounding(o.rounding));
+  prec.tiling = OutlierTiling::parse(o.outlier_tiling, o.outlier_threshold);
+  if (prec.tiling.any() && prec.is_float()) throw std::invalid_argument("--outlier-tiling needs an integer --format");
   GPTConfig cfg{o.layers, o.heads, o.d_model, o.context, kVocabSize};
   cfg.validate();
 
@@ -155,7 +157,7 @@ TrainResult run_train(const TrainOptions& o) {
   if (o.save_init && start == 0) save_model(o.out / "init.safetensors", model, {{"step", "0"}, {"commit", build_commit()}});
   std::ofstream metrics(metrics_path, std::ios::app);
   metrics.precision(9);
-  if (start == 0) metrics << "step,train_loss,val_loss,lr,tokens_per_s,saturated_fraction\n";
+  if (start == 0) metrics << "step,train_loss,val_loss,lr,tokens_per_s,saturated_fraction,outlier_fraction\n";
 
   Sgd opt(SgdConfig{o.momentum, o.weight_decay});
   const LrSchedule sched{o.lr, o.warmup, o.steps, o.final_lr_fraction};
@@ -185,6 +187,8 @@ TrainResult run_train(const TrainOptions& o) {
     model.backward();
     const double lr = sched.at(step);
     const std::int64_t sat_fb = model.saturated(), cast_fb = model.elements_cast();
+    std::int64_t split_elements = 0;
+    const std::int64_t outliers = model.outliers(&split_elements);
     const std::int64_t sat_opt = opt.step(model.params(), prec.g, lr, static_cast<std::uint64_t>(step), o.seed);
     model.refresh_values(static_cast<std::uint64_t>(step + 1), o.seed);
     const double dt = seconds_since(t0);
@@ -205,7 +209,8 @@ TrainResult run_train(const TrainOptions& o) {
     }
     const double tps = static_cast<double>(B) * T / dt;
     const double sat_frac = static_cast<double>(sat_fb + sat_opt) / static_cast<double>(cast_fb + nparams);
-    metrics << step << ',' << loss << ',' << val_field << ',' << lr << ',' << tps << ',' << sat_frac << '\n';
+    metrics << step << ',' << loss << ',' << val_field << ',' << lr << ',' << tps << ',' << sat_frac << ','
+            << (split_elements ? static_cast<double>(outliers) / static_cast<double>(split_elements) : 0.0) << '\n';
 
     if (!o.quiet) {
       const double avg = std::accumulate(step_times.end() - std::min<long>(20, static_cast<long>(step_times.size())),

@@ -16,6 +16,8 @@ struct TrainOptions {
   double init_std = 0.08;     // N(0, init_std) for embeddings and matmul weights (layers/gpt.h); see docs/training.md
   std::string format = "int8";
   std::string rounding = "stochastic";
+  std::string outlier_tiling;                // roles split into int8 bulk + outliers: "", "a", "e", "a,e"
+  std::string outlier_threshold = "rms:5";   // which elements are outliers (core/outliers.h)
   std::uint64_t seed = 1;
   std::optional<std::filesystem::path> data;
   std::filesystem::path out = "runs/train";

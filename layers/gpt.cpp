@@ -94,10 +94,10 @@ GPT::GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed, float 
     const std::string p = "h." + std::to_string(l) + ".";
     blocks_.push_back(Block{&param(p + "ln_1.weight"), &param(p + "ln_1.bias"), &param(p + "ln_2.weight"),
                             &param(p + "ln_2.bias"),
-                            Linear(&param(p + "attn.c_attn.weight"), &param(p + "attn.c_attn.bias")),
-                            Linear(&param(p + "attn.c_proj.weight"), &param(p + "attn.c_proj.bias")),
-                            Linear(&param(p + "mlp.c_fc.weight"), &param(p + "mlp.c_fc.bias")),
-                            Linear(&param(p + "mlp.c_proj.weight"), &param(p + "mlp.c_proj.bias")),
+                            Linear(&param(p + "attn.c_attn.weight"), &param(p + "attn.c_attn.bias"), prec_.tiling),
+                            Linear(&param(p + "attn.c_proj.weight"), &param(p + "attn.c_proj.bias"), prec_.tiling),
+                            Linear(&param(p + "mlp.c_fc.weight"), &param(p + "mlp.c_fc.bias"), prec_.tiling),
+                            Linear(&param(p + "mlp.c_proj.weight"), &param(p + "mlp.c_proj.bias"), prec_.tiling),
                             {}, {}, {}, {}, {}, {}, {}});
   }
   refresh_values(0, seed);
@@ -144,10 +144,11 @@ Tensor GPT::block_forward(Block& b, int layer, Tensor h) {
   const std::int64_t H = cfg_.n_head, D = cfg_.n_embd / H;
   const std::uint64_t id = 100 * static_cast<std::uint64_t>(layer + 1);
   const Format& A = prec_.a;
+  const Format A_in = prec_.linear_a();  // inputs of the linear layers
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
 
   // Attention: h += c_proj(attn(ln_1(h)))
-  const Tensor a1 = layernorm_forward(h, b.ln1_g->value, b.ln1_b->value, A, key(id + 1), b.ln1);
+  const Tensor a1 = layernorm_forward(h, b.ln1_g->value, b.ln1_b->value, A_in, key(id + 1), b.ln1);
   note(a1);
   const Tensor qkv = b.c_attn.forward(a1, A, key(id + 2));
   note(qkv);
@@ -155,17 +156,17 @@ Tensor GPT::block_forward(Block& b, int layer, Tensor h) {
   const Tensor S = matmul(b.q, b.k, Trans::N, Trans::T);  // [BH, T, T]
   b.P = causal_softmax_forward(S, scale, A, key(id + 4));
   note(b.P);
-  const Tensor Y = merge_heads(matmul(b.P, b.v), B_, T_, H, A, key(id + 5));  // [B*T, C]
+  const Tensor Y = merge_heads(matmul(b.P, b.v), B_, T_, H, A_in, key(id + 5));  // [B*T, C]
   note(Y);
   const Tensor o = b.c_proj.forward(Y, residual(), key(id + 6));
   residual_add(h, o, key(id + 7));
   note(h);
 
   // MLP: h += c_proj(gelu(c_fc(ln_2(h))))
-  const Tensor a2 = layernorm_forward(h, b.ln2_g->value, b.ln2_b->value, A, key(id + 8), b.ln2);
+  const Tensor a2 = layernorm_forward(h, b.ln2_g->value, b.ln2_b->value, A_in, key(id + 8), b.ln2);
   note(a2);
   b.z = b.c_fc.forward(a2, residual(), key(id + 9));
-  const Tensor g = gelu_forward(b.z, A, key(id + 10));
+  const Tensor g = gelu_forward(b.z, A_in, key(id + 10));
   note(g);
   const Tensor p = b.mlp_proj.forward(g, residual(), key(id + 11));
   residual_add(h, p, key(id + 12));
@@ -177,15 +178,16 @@ Tensor GPT::block_backward(Block& b, int layer, Tensor dh) {
   const std::int64_t H = cfg_.n_head, D = cfg_.n_embd / H;
   const std::uint64_t id = 100 * static_cast<std::uint64_t>(layer + 1) + 50;
   const Format& E = prec_.e;
+  const Format E_in = prec_.linear_e();  // errors entering the linear layers
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
 
   // MLP: dh flows into both the residual and the MLP branch.
-  const Tensor dp = cast(dh, E, key(id + 1));
+  const Tensor dp = cast(dh, E_in, key(id + 1));
   note(dp);
-  const Tensor dg = b.mlp_proj.backward(dp);
-  const Tensor dz = gelu_backward(dg, b.z, E, key(id + 2));
+  const Tensor dg = b.mlp_proj.backward(dp, key(id + 11));
+  const Tensor dz = gelu_backward(dg, b.z, E_in, key(id + 2));
   note(dz);
-  const Tensor da2 = b.c_fc.backward(dz);
+  const Tensor da2 = b.c_fc.backward(dz, key(id + 12));
   Tensor dg2, db2;
   const Tensor dln2 = layernorm_backward(da2, b.ln2_g->value, b.ln2, dg2, db2, key(id + 3));
   b.ln2_g->accumulate(std::move(dg2));
@@ -194,9 +196,9 @@ Tensor GPT::block_backward(Block& b, int layer, Tensor dh) {
   b.z = Tensor();
 
   // Attention.
-  const Tensor dout = cast(dh, E, key(id + 5));
+  const Tensor dout = cast(dh, E_in, key(id + 5));
   note(dout);
-  const Tensor dY = split_heads_one(b.c_proj.backward(dout), B_, T_, H, E, key(id + 6));  // [BH, T, D]
+  const Tensor dY = split_heads_one(b.c_proj.backward(dout, key(id + 13)), B_, T_, H, E, key(id + 6));  // [BH, T, D]
   note(dY);
   const Tensor dP = matmul(dY, b.v, Trans::N, Trans::T);  // [BH, T, T]
   const Tensor dV = matmul(b.P, dY, Trans::T, Trans::N);  // [BH, T, D]
@@ -204,9 +206,9 @@ Tensor GPT::block_backward(Block& b, int layer, Tensor dh) {
   note(dS);
   const Tensor dQ = matmul(dS, b.k);                       // [BH, T, D]
   const Tensor dK = matmul(dS, b.q, Trans::T, Trans::N);  // [BH, T, D]
-  const Tensor dqkv = merge_qkv(dQ, dK, dV, B_, T_, H, E, key(id + 8));
+  const Tensor dqkv = merge_qkv(dQ, dK, dV, B_, T_, H, E_in, key(id + 8));
   note(dqkv);
-  const Tensor da1 = b.c_attn.backward(dqkv);
+  const Tensor da1 = b.c_attn.backward(dqkv, key(id + 14));
   Tensor dg1, db1;
   const Tensor dln1 = layernorm_backward(da1, b.ln1_g->value, b.ln1, dg1, db1, key(id + 9));
   b.ln1_g->accumulate(std::move(dg1));
@@ -228,6 +230,8 @@ double GPT::forward(const std::int32_t* tokens, const std::int32_t* targets, std
   T_ = T;
   saturated_ = 0;
   cast_elements_ = 0;
+  for (Block& b : blocks_)
+    for (Linear* l : {&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj}) l->reset_counts();
   tokens_.assign(tokens, tokens + B * T);
 
   Tensor h = embedding_forward(tokens, B, T, wte_->value, wpe_->value);
@@ -259,6 +263,23 @@ void GPT::backward() {
   wpe_->accumulate(std::move(dwpe));
   dlogits_ = Tensor();
   xf_ = Tensor();
+}
+
+std::int64_t GPT::outliers(std::int64_t* elements) const {
+  std::int64_t n = 0, e = 0;
+  for (const Block& b : blocks_) {
+    for (const Linear* l : {&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj}) {
+      n += l->outliers();
+      e += l->split_elements();
+    }
+  }
+  if (elements) *elements = e;
+  return n;
+}
+
+void GPT::observe_splits(const SplitObserver& f) {
+  for (Block& b : blocks_)
+    for (Linear* l : {&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj}) l->set_observer(f);
 }
 
 }  // namespace intrain

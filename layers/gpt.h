@@ -62,6 +62,11 @@ class GPT {
   // and the value casts. Numerator of the saturated fraction.
   std::int64_t saturated() const { return saturated_; }
   std::int64_t elements_cast() const { return cast_elements_; }
+  // Outliers split by the linear layers since the last forward (0 unless
+  // outlier tiling is on); `elements`, if given, receives the elements split.
+  std::int64_t outliers(std::int64_t* elements = nullptr) const;
+  // Calls f for every split the linear layers make (statistics).
+  void observe_splits(const SplitObserver& f);
   std::int64_t num_parameters() const;
 
  private:
