@@ -112,7 +112,8 @@ TEST(TrainResume, KilledAndResumedEqualsUninterrupted) {
   ASSERT_TRUE(std::fgets(buf, sizeof buf, p));
   ::pclose(p);
   const pid_t pid = static_cast<pid_t>(std::atol(buf));
-  for (int i = 0; i < 3000 && !fs::exists(part / "train_state.safetensors"); ++i) ::usleep(1000);
+  // Up to 120 s: a loaded machine (or a sanitizer build) starts slowly.
+  for (int i = 0; i < 120000 && !fs::exists(part / "train_state.safetensors"); ++i) ::usleep(1000);
   ::usleep(20000);
   const bool killed = ::kill(pid, SIGKILL) == 0;
   for (int i = 0; i < 1000 && ::kill(pid, 0) == 0; ++i) ::usleep(1000);  // reaped by init
