@@ -51,6 +51,10 @@ double sd_of(const std::vector<double>& v) {
   return std::sqrt(s / static_cast<double>(v.size() - 1));
 }
 
+// A byte model that predicts the uniform distribution has loss ln 256; a
+// final loss above it means the run diverged, whatever its exact value.
+constexpr double kUniformLoss = 5.545177444479562;
+
 std::string group_name(int bits, const std::string& rounding) {
   if (bits == 32) return "fp32";
   return "int" + std::to_string(bits) + (rounding == "nearest" ? "-rn" : "-sr");
@@ -167,17 +171,19 @@ json ablation_report(const std::vector<CellResult>& cells, const json& settings)
   json jgroups = json::array();
   auto add_group = [&](int bits, const std::string& rounding, const std::vector<CellResult>& g) {
     std::vector<double> val, sat, tps, rss;
-    int failed = 0;
+    int failed = 0, diverged = 0;
     for (const CellResult& c : g) {
       if (c.status == "failed") ++failed;
       if (c.status != "done") continue;
+      diverged += c.final_val_loss > kUniformLoss;
       val.push_back(c.final_val_loss);
       sat.push_back(c.saturated_fraction);
       tps.push_back(c.tokens_per_s);
       rss.push_back(c.peak_rss_mib);
     }
     json j = {{"name", group_name(bits, rounding)}, {"bits", bits}, {"rounding", rounding},
-              {"seeds", static_cast<int>(g.size())}, {"done", static_cast<int>(val.size())}, {"failed", failed}};
+              {"seeds", static_cast<int>(g.size())}, {"done", static_cast<int>(val.size())}, {"failed", failed},
+              {"diverged", diverged}};
     if (!val.empty()) {
       j["val_mean"] = mean_of(val);
       j["val_sd"] = sd_of(val);
@@ -228,7 +234,11 @@ std::string ablation_markdown(const json& r) {
      << s.value("steps", 0) << " SGD steps, peak lr " << s.value("lr", 0.0) << ", warmup " << s.value("warmup", 0)
      << ", momentum " << s.value("momentum", 0.0) << ", init std " << s.value("init_std", 0.0) << "; data "
      << s.value("data", std::string("?")) << ".\n\n";
-  md << "Final validation loss in nats per byte over the whole validation split. `gap` is the paired difference "
+  const long final_windows = s.value("final_eval_windows", 0L);
+  md << "Final validation loss in nats per byte over "
+     << (final_windows > 0 ? "the first " + std::to_string(final_windows) + " windows of the validation split (the same for every cell)"
+                           : std::string("the whole validation split"))
+     << ". `gap` is the paired difference "
         "to fp32 at the same seed (same initialisation and batches): mean, and its 95% Student-t interval over "
         "seeds. Column meanings: docs/ablation.md.\n\n";
   md << "| format | seeds | val loss (mean ± sd) | gap to fp32 | 95% CI of gap | gap % | saturated | tokens/s | "
@@ -237,6 +247,7 @@ std::string ablation_markdown(const json& r) {
   for (const json& g : r.at("groups")) {
     md << "| " << g["name"].get<std::string>() << " | " << g["done"].get<int>() << "/" << g["seeds"].get<int>();
     if (g["failed"].get<int>() > 0) md << " (" << g["failed"].get<int>() << " failed)";
+    if (g.value("diverged", 0) > 0) md << " (" << g["diverged"].get<int>() << " diverged)";
     md << " | ";
     if (g.contains("val_mean")) {
       md << fmt("%.4f", g["val_mean"].get<double>()) << " ± " << fmt("%.4f", g["val_sd"].get<double>());
@@ -266,6 +277,8 @@ std::string ablation_markdown(const json& r) {
     }
     md << " |\n";
   }
+  md << "\nA cell *diverged* when its final loss exceeds ln 256 = 5.545 (worse than predicting every byte as "
+        "equally likely); its loss still enters the mean.\n";
   md << "\n## Pareto front\n\nOver (mean validation loss, bits, seconds per step): a format is listed when no other "
         "is strictly better on all three. Ordered by loss.\n\n";
   for (const json& n : r.at("pareto")) md << "- " << n.get<std::string>() << "\n";
