@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <tuple>
 #include <sstream>
 #include <stdexcept>
 
@@ -55,11 +56,6 @@ double sd_of(const std::vector<double>& v) {
 // final loss above it means the run diverged, whatever its exact value.
 constexpr double kUniformLoss = 5.545177444479562;
 
-std::string group_name(int bits, const std::string& rounding) {
-  if (bits == 32) return "fp32";
-  return "int" + std::to_string(bits) + (rounding == "nearest" ? "-rn" : "-sr");
-}
-
 std::string fmt(const char* f, double x) {
   char buf[64];
   std::snprintf(buf, sizeof buf, f, x);
@@ -68,8 +64,14 @@ std::string fmt(const char* f, double x) {
 
 }  // namespace
 
-CellResult load_cell(const fs::path& dir, int bits, const std::string& rounding, int seed) {
+std::string ablation_group_name(int bits, const std::string& rounding, const std::string& tiling) {
+  if (bits == 32) return "fp32";
+  return "int" + std::to_string(bits) + (rounding == "nearest" ? "-rn" : "-sr") + (tiling == "none" ? "" : "+" + tiling);
+}
+
+CellResult load_cell(const fs::path& dir, int bits, const std::string& rounding, int seed, const std::string& tiling) {
   CellResult c;
+  c.tiling = tiling;
   c.name = dir.filename().string();
   c.bits = bits;
   c.rounding = rounding;
@@ -142,17 +144,17 @@ GapStatistics paired_gap(const std::vector<CellResult>& cells, const std::vector
 json ablation_report(const std::vector<CellResult>& cells, const json& settings) {
   // Groups keyed by (bits, rounding); fp32 (bits 32) sorts last by bits, so
   // it is put first explicitly below.
-  std::map<std::pair<int, std::string>, std::vector<CellResult>> groups;
-  for (const CellResult& c : cells) groups[{c.bits, c.rounding}].push_back(c);
+  std::map<std::tuple<int, std::string, std::string>, std::vector<CellResult>> groups;
+  for (const CellResult& c : cells) groups[{c.bits, c.rounding, c.tiling}].push_back(c);
   const std::vector<CellResult> none;
-  const auto fp32_it = groups.find({32, ""});
+  const auto fp32_it = groups.find({32, "", "none"});
   const std::vector<CellResult>& baseline = fp32_it == groups.end() ? none : fp32_it->second;
   const double tokens_per_step = settings.value("batch", 0.0) * settings.value("context", 0.0);
 
   json jcells = json::array();
   for (const CellResult& c : cells) {
-    json j = {{"name", c.name},       {"bits", c.bits},   {"rounding", c.rounding},
-              {"seed", c.seed},       {"status", c.status}};
+    json j = {{"name", c.name}, {"bits", c.bits},     {"rounding", c.rounding},
+              {"tiling", c.tiling}, {"seed", c.seed}, {"status", c.status}};
     if (c.status == "failed") j["failure"] = c.failure;
     if (c.status == "done") {
       j["final_val_loss"] = c.final_val_loss;
@@ -169,7 +171,8 @@ json ablation_report(const std::vector<CellResult>& cells, const json& settings)
   }
 
   json jgroups = json::array();
-  auto add_group = [&](int bits, const std::string& rounding, const std::vector<CellResult>& g) {
+  auto add_group = [&](int bits, const std::string& rounding, const std::string& tiling,
+                       const std::vector<CellResult>& g) {
     std::vector<double> val, sat, tps, rss;
     int failed = 0, diverged = 0;
     for (const CellResult& c : g) {
@@ -181,7 +184,8 @@ json ablation_report(const std::vector<CellResult>& cells, const json& settings)
       tps.push_back(c.tokens_per_s);
       rss.push_back(c.peak_rss_mib);
     }
-    json j = {{"name", group_name(bits, rounding)}, {"bits", bits}, {"rounding", rounding},
+    json j = {{"name", ablation_group_name(bits, rounding, tiling)}, {"bits", bits}, {"rounding", rounding},
+              {"tiling", tiling},
               {"seeds", static_cast<int>(g.size())}, {"done", static_cast<int>(val.size())}, {"failed", failed},
               {"diverged", diverged}};
     if (!val.empty()) {
@@ -199,9 +203,10 @@ json ablation_report(const std::vector<CellResult>& cells, const json& settings)
     }
     jgroups.push_back(j);
   };
-  if (fp32_it != groups.end()) add_group(32, "", baseline);
+  if (fp32_it != groups.end()) add_group(32, "", "none", baseline);
   for (const auto& [key, g] : groups) {
-    if (key.first != 32) add_group(key.first, key.second, g);
+    const auto& [bits, rounding, tiling] = key;
+    if (bits != 32) add_group(bits, rounding, tiling, g);
   }
 
   // Pareto: listed when no other group is strictly better on all three axes.

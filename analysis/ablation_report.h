@@ -28,6 +28,7 @@ struct CellResult {
   int bits = 32;          // 32: fp32
   std::string rounding;   // "nearest" / "stochastic"; empty for fp32
   int seed = 1;
+  std::string tiling = "none";  // outlier tiling of the run: "none", "a", "e", "ae"
   std::string status;     // "done", "failed" or "missing"
   std::string failure;    // the failure message, when status == "failed"
   double final_val_loss = 0.0, final_train_loss = 0.0;
@@ -38,7 +39,11 @@ struct CellResult {
 
 // Reads DIR/cells/<name>/{summary.json, metrics.csv, failed.json}. A cell
 // with neither summary.json nor failed.json is "missing".
-CellResult load_cell(const std::filesystem::path& cell_dir, int bits, const std::string& rounding, int seed);
+CellResult load_cell(const std::filesystem::path& cell_dir, int bits, const std::string& rounding, int seed,
+                     const std::string& tiling = "none");
+
+// "fp32", "int8-sr", "int8-rn+ae": one group of the grid (all its seeds).
+std::string ablation_group_name(int bits, const std::string& rounding, const std::string& tiling);
 
 // Student-t quantile t(p, df), e.g. t(0.975, 2) = 4.3027.
 double student_t_quantile(double p, int df);
@@ -53,7 +58,7 @@ struct GapStatistics {
 GapStatistics paired_gap(const std::vector<CellResult>& cells, const std::vector<CellResult>& baseline);
 
 // The report as JSON: `settings` (copied), `cells`, `groups` (one per
-// (bits, rounding), fp32 first), `pareto` (group names, by mean loss).
+// (bits, rounding, tiling), fp32 first), `pareto` (group names, by mean loss).
 nlohmann::json ablation_report(const std::vector<CellResult>& cells, const nlohmann::json& settings);
 // The same report as a Markdown document.
 std::string ablation_markdown(const nlohmann::json& report);

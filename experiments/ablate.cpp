@@ -27,10 +27,7 @@ namespace intrain {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-std::string AblationCell::name() const {
-  if (bits == 32) return "fp32_s" + std::to_string(seed);
-  return "int" + std::to_string(bits) + (rounding == "nearest" ? "-rn" : "-sr") + "_s" + std::to_string(seed);
-}
+std::string AblationCell::name() const { return ablation_group_name(bits, rounding, tiling) + "_s" + std::to_string(seed); }
 
 std::string AblationCell::format() const { return bits == 32 ? "fp32" : "int" + std::to_string(bits); }
 
@@ -58,7 +55,9 @@ std::vector<AblationCell> ablation_grid(const AblateOptions& o) {
   for (int s = 1; s <= o.seeds; ++s) cells.push_back({32, "", s});
   for (int b : o.bits) {
     for (const std::string& r : o.roundings) {
-      for (int s = 1; s <= o.seeds; ++s) cells.push_back({b, r, s});
+      for (const std::string& t : o.tilings) {
+        for (int s = 1; s <= o.seeds; ++s) cells.push_back({b, r, s, t});
+      }
     }
   }
   return cells;
@@ -80,6 +79,7 @@ json sweep_settings(const TrainOptions& t) {
           {"batch", t.batch},     {"steps", t.steps},       {"warmup", t.warmup},     {"lr", t.lr},
           {"momentum", t.momentum}, {"weight_decay", t.weight_decay}, {"init_std", t.init_std},
           {"eval_every", t.eval_every}, {"eval_windows", t.eval_windows}, {"final_eval_windows", t.final_eval_windows},
+          {"outlier_threshold", t.outlier_threshold},
           {"data", t.data ? fs::absolute(*t.data).string() : std::string("kjv")}};
 }
 
@@ -103,6 +103,11 @@ std::vector<std::string> train_args(const TrainOptions& t, const AblationCell& c
                                 std::to_string(threads),           "--quiet",
                                 "--out",         dir.string()};
   if (c.bits != 32) a.insert(a.end(), {"--rounding", c.rounding});
+  if (c.tiling != "none") {
+    std::string roles;  // "ae" -> "a,e"
+    for (char r : c.tiling) roles += std::string(roles.empty() ? "" : ",") + r;
+    a.insert(a.end(), {"--outlier-tiling", roles, "--outlier-threshold", t.outlier_threshold});
+  }
   if (t.data) a.insert(a.end(), {"--data", fs::absolute(*t.data).string()});
   a.push_back(resume ? "--resume" : "--overwrite");
   return a;
@@ -191,6 +196,10 @@ int run_ablate(const AblateOptions& o) {
     if (r != "nearest" && r != "stochastic")
       throw std::invalid_argument("--rounding: '" + r + "' is not one of nearest, stochastic");
   }
+  for (const std::string& t : o.tilings) {
+    if (t != "none" && t != "a" && t != "e" && t != "ae")
+      throw std::invalid_argument("--outlier-tiling: '" + t + "' is not one of none, a, e, ae");
+  }
   const json settings = sweep_settings(o.train);
   const RunLock lock(o.out, "intrain ablate");
   pin_settings(o.out, settings);
@@ -254,7 +263,7 @@ int run_ablate(const AblateOptions& o) {
   std::vector<CellResult> results;
   int failed = 0;
   for (const AblationCell& c : grid) {
-    results.push_back(load_cell(cells_dir / c.name(), c.bits, c.rounding, c.seed));
+    results.push_back(load_cell(cells_dir / c.name(), c.bits, c.rounding, c.seed, c.tiling));
     failed += results.back().status == "failed";
   }
   const json report = ablation_report(results, settings);

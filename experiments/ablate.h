@@ -25,6 +25,9 @@ namespace intrain {
 struct AblateOptions {
   std::vector<int> bits{4, 6, 8, 10, 12, 16};
   std::vector<std::string> roundings{"nearest", "stochastic"};
+  // Outlier tiling of integer cells (docs/outliers.md): "none", or the roles
+  // split, "a", "e" or "ae". Each entry is a grid dimension of its own.
+  std::vector<std::string> tilings{"none"};
   int seeds = 3;               // seeds 1..seeds
   TrainOptions train;          // model, schedule and data of every cell (format, seed, out are per cell)
   std::filesystem::path out = "runs/ablate";
@@ -45,7 +48,8 @@ struct AblationCell {
   int bits = 32;
   std::string rounding;  // "nearest", "stochastic"; empty for fp32
   int seed = 1;
-  std::string name() const;    // e.g. "int8-sr_s2", "fp32_s2"
+  std::string tiling = "none";  // "none", "a", "e", "ae"; "none" for fp32
+  std::string name() const;    // e.g. "int8-sr_s2", "int8-sr+ae_s2", "fp32_s2"
   std::string format() const;  // "fp32" or "int8"
 };
 

@@ -103,6 +103,11 @@ int main(int argc, char** argv) {
   ablate->add_option("--rounding", ab.roundings, "Rounding modes, comma separated: nearest, stochastic")
       ->delimiter(',')
       ->check(CLI::IsMember({"nearest", "stochastic"}));
+  ablate->add_option("--outlier-tiling", ab.tilings,
+                     "Outlier tiling of integer cells, comma separated: none, a, e, ae (each a grid dimension)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"none", "a", "e", "ae"}));
+  ablate->add_option("--outlier-threshold", ab.train.outlier_threshold, "Outlier rule of tiled cells (rms:G, pct:P, top:K)");
   ablate->add_option("--seeds", ab.seeds, "Seeds 1..N per cell")->check(CLI::Range(1, 1000));
   ablate->add_option("--jobs", ab.jobs, "Cells run side by side (each with --threads threads, default 1)")
       ->check(CLI::Range(1, 256));
