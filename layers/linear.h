@@ -11,15 +11,26 @@
 
 namespace intrain {
 
-class Linear {
+// What a model needs from any linear layer: a plain trainable Linear, a
+// frozen QuantizedLinear (layers/quantized_linear.h), or a wrapper that
+// observes its inputs (GPTQ calibration). Calls are per layer, not per element.
+class LinearLayer {
+ public:
+  virtual ~LinearLayer() = default;
+  // x must already be in the activation format. Returns x·W + b cast to `out`.
+  virtual Tensor forward(const Tensor& x, const Format& out, RngKey key) = 0;
+  // dy must already be in the error format. Accumulates whatever parameter
+  // gradients the layer has and returns dx as an exact accumulator (or float).
+  virtual Tensor backward(const Tensor& dy) = 0;
+};
+
+class Linear : public LinearLayer {
  public:
   Linear(Param* w, Param* b) : w_(w), b_(b) {}
 
-  // x must already be in the activation format. Returns x·W + b cast to `out`.
-  Tensor forward(const Tensor& x, const Format& out, RngKey key);
-  // dy must already be in the error format. Accumulates dW and db into the
-  // parameters and returns dx as an exact accumulator (or float).
-  Tensor backward(const Tensor& dy);
+  Tensor forward(const Tensor& x, const Format& out, RngKey key) override;
+  // Accumulates dW and db into the parameters.
+  Tensor backward(const Tensor& dy) override;
 
  private:
   Param* w_;
