@@ -13,6 +13,9 @@
 #include "core/parallel.h"
 #include "core/rounding.h"
 
+// GemmDesc batch strides are the whole matrix (batch = 1): oneDNN picks its
+// reference kernels for a zero batch stride.
+
 namespace intrain {
 
 ScaleMantissas scale_mantissas(const PackedWeights& W) {
@@ -108,9 +111,9 @@ Tensor packed_matmul(const Tensor& X, const PackedWeights& W) {
       float_tile(W, g, codes, tile);
       GemmDesc d;
       d.M = R, d.K = G, d.N = N;
-      d.a = {GemmType::F32, 0, K, 1};
-      d.b = {GemmType::F32, 0, 1, G};  // B[kk, n] = tile[n·G + kk]
-      d.c = {GemmType::F32, 0, N, 1};
+      d.a = {GemmType::F32, R * K, K, 1};
+      d.b = {GemmType::F32, G * N, 1, G};  // B[kk, n] = tile[n·G + kk]
+      d.c = {GemmType::F32, R * N, N, 1};
       onednn_gemm(d, X.data<float>() + g * G, tile.data(), g == 0 ? y : P.data());
       if (g == 0) continue;
       for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
@@ -148,9 +151,9 @@ Tensor packed_matmul(const Tensor& X, const PackedWeights& W) {
     // P = X[:, g]·(Q_g − 2^(b−1)): exact in int32 (G · 127 · 128 < 2^31 for G <= 4096).
     GemmDesc d;
     d.M = R, d.K = G, d.N = N;
-    d.a = {GemmType::S8, 0, K, 1};
-    d.b = {GemmType::S8, 0, 1, G};
-    d.c = {GemmType::S32, 0, N, 1};
+    d.a = {GemmType::S8, R * K, K, 1};
+    d.b = {GemmType::S8, G * N, 1, G};
+    d.c = {GemmType::S32, R * N, N, 1};
     onednn_gemm(d, xp + g * G, codes.data(), P.data());
     for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
       for (std::int64_t r = r0; r < r1; ++r) {
@@ -248,9 +251,9 @@ Tensor packed_matmul_t(const Tensor& dY, const PackedWeights& W, RngKey key) {
       float_tile(W, g, codes, tile);
       GemmDesc d;
       d.M = R, d.K = N, d.N = G;
-      d.a = {GemmType::F32, 0, N, 1};
-      d.b = {GemmType::F32, 0, G, 1};  // B[n, kk] = tile[n·G + kk]
-      d.c = {GemmType::F32, 0, K, 1};  // written straight into dX[:, g]
+      d.a = {GemmType::F32, R * N, N, 1};
+      d.b = {GemmType::F32, G * N, G, 1};  // B[n, kk] = tile[n·G + kk]
+      d.c = {GemmType::F32, R * K, K, 1};  // written straight into dX[:, g]
       onednn_gemm(d, dY.data<float>(), tile.data(), dX.data<float>() + g * G);
     }
     return dX;
@@ -290,9 +293,9 @@ Tensor packed_matmul_t(const Tensor& dY, const PackedWeights& W, RngKey key) {
     W.unpack_group(g, 0, N, off, codes.data());
     GemmDesc d;
     d.M = R, d.K = N, d.N = G;
-    d.a = {GemmType::S8, 0, N, 1};
-    d.b = {GemmType::S8, 0, G, 1};
-    d.c = {GemmType::S32, 0, K, 1};
+    d.a = {GemmType::S8, R * N, N, 1};
+    d.b = {GemmType::S8, G * N, G, 1};
+    d.c = {GemmType::S32, R * K, K, 1};
     onednn_gemm(d, Eg.data(), codes.data(), dx + g * G);
     for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
       for (std::int64_t r = r0; r < r1; ++r) {

@@ -17,11 +17,7 @@ namespace intrain {
 namespace {
 
 std::vector<float> normal_weights(std::int64_t n, std::uint64_t seed, float std = 0.05f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, std);
-  std::vector<float> w(static_cast<std::size_t>(n));
-  for (float& x : w) x = d(rng);
-  return w;
+  return testing::normal_floats(n, seed, std);
 }
 
 struct Parts {

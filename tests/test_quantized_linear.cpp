@@ -17,19 +17,13 @@
 namespace intrain {
 namespace {
 
-std::vector<float> normal(std::int64_t n, std::uint64_t seed, float std) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, std);
-  std::vector<float> v(static_cast<std::size_t>(n));
-  for (float& x : v) x = d(rng);
-  return v;
-}
+using testing::normal_floats;
 
 Param bias_param(std::int64_t N, bool integer) {
   Param b;
   b.name = "bias";
   b.kind = ParamKind::Bias;
-  const std::vector<float> v = normal(N, 99, 0.1f);
+  const std::vector<float> v = normal_floats(N, 99, 0.1f);
   b.value = integer ? quantize(v, {N}, residual_format()) : quantize(v, {N}, Format::fp32());
   return b;
 }
@@ -41,11 +35,11 @@ TEST(QuantizedLinear, IntegerForwardEqualsDequantizedProductPlusBias) {
   // the residual bias' own 24-bit rounding (2^-23 relative, negligible).
   const std::int64_t R = 24, K = 128, N = 64;
   for (int bits : {2, 4}) {
-    const std::vector<float> W = normal(K * N, static_cast<std::uint64_t>(bits), 0.05f);
+    const std::vector<float> W = normal_floats(K * N, static_cast<std::uint64_t>(bits), 0.05f);
     const PackedWeights pw = quantize_rtn(W, K, N, bits, 64);
     const Param b = bias_param(N, true);
     QuantizedLinear layer("test", pw, &b);
-    const Tensor x = quantize(normal(R * K, 5, 1.0f), {R, K}, Format::fixed(8));
+    const Tensor x = quantize(normal_floats(R * K, 5, 1.0f), {R, K}, Format::fixed(8));
     const Tensor y = layer.forward(x, Format::fixed(8, Rounding::Nearest), RngKey(1, 2));
     const std::vector<float> Wd = pw.dequantize();
     const double step = std::ldexp(1.0, y.exponent());
@@ -60,11 +54,11 @@ TEST(QuantizedLinear, IntegerForwardEqualsDequantizedProductPlusBias) {
 
 TEST(QuantizedLinear, BackwardGivesOnlyTheInputGradient) {
   const std::int64_t R = 16, K = 64, N = 32;
-  const PackedWeights pw = quantize_rtn(normal(K * N, 1, 0.05f), K, N, 3, 32);
+  const PackedWeights pw = quantize_rtn(normal_floats(K * N, 1, 0.05f), K, N, 3, 32);
   Param b = bias_param(N, false);
   QuantizedLinear layer("test", pw, &b);
-  const Tensor x = quantize(normal(R * K, 2, 1.0f), {R, K}, Format::fp32());
-  const Tensor dy = quantize(normal(R * N, 3, 1.0f), {R, N}, Format::fp32());
+  const Tensor x = quantize(normal_floats(R * K, 2, 1.0f), {R, K}, Format::fp32());
+  const Tensor dy = quantize(normal_floats(R * N, 3, 1.0f), {R, N}, Format::fp32());
   (void)layer.forward(x, Format::fp32(), {});
   const Tensor dx = layer.backward(dy);
   EXPECT_FALSE(b.has_grad);  // frozen: the bias gets no gradient either
