@@ -12,9 +12,7 @@
 #include "core/onednn_gemm.h"
 #include "core/parallel.h"
 #include "core/rounding.h"
-
-// GemmDesc batch strides are the whole matrix (batch = 1): oneDNN picks its
-// reference kernels for a zero batch stride.
+#include "core/simd.h"
 
 namespace intrain {
 
@@ -81,6 +79,61 @@ void float_tile(const PackedWeights& W, std::int64_t g, std::vector<std::int8_t>
   }
 }
 
+// The per-group passes, multiversioned (core/simd.h). One row each.
+
+// y[n] (+)= c[n]·(p[n] + zc[n]·s): a group's exact partial product, scaled.
+INTRAIN_CLONES void scale_accumulate_row(std::int64_t* y, const std::int32_t* p, const std::int64_t* c,
+                                         const std::int64_t* zc, std::int64_t s, std::int64_t N, bool first) {
+  if (first) {
+    for (std::int64_t n = 0; n < N; ++n) y[n] = c[n] * (p[n] + zc[n] * s);
+  } else {
+    for (std::int64_t n = 0; n < N; ++n) y[n] += c[n] * (p[n] + zc[n] * s);
+  }
+}
+
+// E[n] = round(e[n]·c[n] / 2^shift) with bits of `key` at index base + n;
+// returns Σ_n E[n]·zc[n] (the zero-point term of the row). For shifts in
+// [1, 62] the rounding is written without branches so that it vectorises;
+// it is shift_round_{stochastic,nearest} (core/rounding.h) term for term,
+// which the tests check against the reference loops bit for bit.
+INTRAIN_CLONES std::int64_t scale_round_row(const std::int8_t* e, const std::int64_t* c, const std::int64_t* zc,
+                                            std::int64_t N, int shift, bool stochastic, RngKey key, std::uint32_t base,
+                                            std::int8_t* E) {
+  std::int64_t cs = 0;
+  if (shift < 1 || shift > 62) {
+    for (std::int64_t n = 0; n < N; ++n) {
+      const std::int64_t v = stochastic ? shift_round_stochastic(e[n] * c[n], shift, key.bits(base + static_cast<std::uint32_t>(n)))
+                                        : shift_round_nearest(e[n] * c[n], shift);
+      E[n] = static_cast<std::int8_t>(v);
+      cs += v * zc[n];
+    }
+    return cs;
+  }
+  const std::uint64_t mask = (std::uint64_t{1} << shift) - 1, half = std::uint64_t{1} << (shift - 1);
+  // frac·2^32 truncated to 32 bits: rem << (32 − s) for s <= 32, rem >> (s − 32) beyond.
+  const int left = std::max(0, 32 - shift), right = std::max(0, shift - 32);
+  if (stochastic) {
+    for (std::int64_t n = 0; n < N; ++n) {
+      const std::int64_t v = e[n] * c[n];
+      const std::int64_t q = v >> shift;
+      const std::uint64_t frac32 = ((static_cast<std::uint64_t>(v) & mask) << left) >> right;
+      const std::int64_t r = q + (frac32 > key.bits(base + static_cast<std::uint32_t>(n)));
+      E[n] = static_cast<std::int8_t>(r);
+      cs += r * zc[n];
+    }
+  } else {
+    for (std::int64_t n = 0; n < N; ++n) {
+      const std::int64_t v = e[n] * c[n];
+      const std::int64_t q = v >> shift;
+      const std::uint64_t rem = static_cast<std::uint64_t>(v) & mask;
+      const std::int64_t r = q + ((rem > half) | ((rem == half) & static_cast<std::uint64_t>(q & 1)));
+      E[n] = static_cast<std::int8_t>(r);
+      cs += r * zc[n];
+    }
+  }
+  return cs;
+}
+
 void check_forward_bound(const Tensor& X, const PackedWeights& W, const ScaleMantissas& sm) {
   // |Y| <= K · qmax(X) · (2^b - 1) · max c must fit int64 (docs/quantized-weights.md).
   const int128_t bound = static_cast<int128_t>(W.K()) * X.format().qmax() * W.max_code() * sm.max_c;
@@ -109,6 +162,8 @@ Tensor packed_matmul(const Tensor& X, const PackedWeights& W) {
     float* y = Y.data<float>();
     for (std::int64_t g = 0; g < ng; ++g) {
       float_tile(W, g, codes, tile);
+      // Batch 1, with batch strides of a whole matrix: oneDNN takes its slow
+      // reference kernels when a batch stride is 0.
       GemmDesc d;
       d.M = R, d.K = G, d.N = N;
       d.a = {GemmType::F32, R * K, K, 1};
@@ -138,7 +193,7 @@ Tensor packed_matmul(const Tensor& X, const PackedWeights& W) {
       }
   }, rows_per_chunk(K));
 
-  Tensor Y(with_cols(X.shape(), N), Format::accumulator(64), X.exponent() + sm.exponent);
+  Tensor Y = Tensor::uninitialized(with_cols(X.shape(), N), Format::accumulator(64), X.exponent() + sm.exponent);
   std::int64_t* y = Y.data<std::int64_t>();
   std::vector<std::int32_t> P(static_cast<std::size_t>(R * N));
   std::vector<std::int64_t> cz(static_cast<std::size_t>(N)), zc(static_cast<std::size_t>(N));
@@ -156,12 +211,8 @@ Tensor packed_matmul(const Tensor& X, const PackedWeights& W) {
     d.c = {GemmType::S32, R * N, N, 1};
     onednn_gemm(d, xp + g * G, codes.data(), P.data());
     for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
-      for (std::int64_t r = r0; r < r1; ++r) {
-        const std::int64_t s = rs[static_cast<std::size_t>(r * ng + g)];
-        const std::int32_t* p = P.data() + r * N;
-        std::int64_t* yr = y + r * N;
-        for (std::int64_t n = 0; n < N; ++n) yr[n] += cz[static_cast<std::size_t>(n)] * (p[n] + zc[static_cast<std::size_t>(n)] * s);
-      }
+      for (std::int64_t r = r0; r < r1; ++r)
+        scale_accumulate_row(y + r * N, P.data() + r * N, cz.data(), zc.data(), rs[static_cast<std::size_t>(r * ng + g)], N, g == 0);
     }, rpc);
   }
   return Y;
@@ -278,17 +329,10 @@ Tensor packed_matmul_t(const Tensor& dY, const PackedWeights& W, RngKey key) {
     const RngKey kg = key.derive(static_cast<std::uint64_t>(g));
     // E_g = round(dY ⊙ c_g / 2^shift) and its zero-point term, in one pass.
     for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
-      for (std::int64_t r = r0; r < r1; ++r) {
-        std::int64_t cs = 0;
-        for (std::int64_t n = 0; n < N; ++n) {
-          const std::int64_t i = r * N + n;
-          const std::int64_t v = shift_round(e[i] * cg[static_cast<std::size_t>(n)], es.shift, mode,
-                                             kg.bits(static_cast<std::uint32_t>(i)));
-          Eg[static_cast<std::size_t>(i)] = static_cast<std::int8_t>(v);
-          cs += v * zc[static_cast<std::size_t>(n)];
-        }
-        corr[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(cs);
-      }
+      for (std::int64_t r = r0; r < r1; ++r)
+        corr[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(
+            scale_round_row(e + r * N, cg.data(), zc.data(), N, es.shift, mode == Rounding::Stochastic, kg,
+                            static_cast<std::uint32_t>(r * N), Eg.data() + r * N));
     }, rpc);
     W.unpack_group(g, 0, N, off, codes.data());
     GemmDesc d;
