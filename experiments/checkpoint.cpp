@@ -54,7 +54,13 @@ SafeTensorsFile model_file(const GPT& model, const Metadata& extra) {
   f.metadata["vocab_size"] = std::to_string(c.vocab_size);
   f.metadata["format"] = model.precision().name();
   f.metadata["intrain"] = kVersion;
-  for (const Param& p : model.params()) f.add(p.name, float_tensor(p.value));
+  for (const Param& p : model.params()) {
+    if (p.master.empty()) {
+      throw std::invalid_argument("save_model: " + p.name + " is held only as packed codes (a quantized model); " +
+                                  "write quantized models with intrain quantize");
+    }
+    f.add(p.name, float_tensor(p.value));
+  }
   return f;
 }
 

@@ -85,6 +85,13 @@ nlohmann::json run_quantize(const QuantizeOptions& o) {
     if (p.master.empty()) throw std::invalid_argument(o.model.string() + " is already quantized; quantize the float checkpoint");
   const int T = model.config().n_ctx;
   const std::vector<std::string> modules = model.linear_modules();
+  for (const std::string& m : modules) {
+    const std::int64_t K = model.param(m + ".weight").value.rows();
+    if (o.group % 8 != 0 || K % o.group != 0) {
+      throw std::invalid_argument("--group " + std::to_string(o.group) + " must be a multiple of 8 that divides the input dimension " +
+                                  std::to_string(K) + " of " + m + ".weight; choose e.g. 32 or 64");
+    }
+  }
 
   nlohmann::json layers = nlohmann::json::array();
   std::map<std::string, PackedWeights> packed;

@@ -20,6 +20,7 @@
 #include "core/gptq.h"
 #include "layers/quantized_linear.h"
 #include "experiments/train.h"
+#include "test_support.h"
 
 namespace intrain {
 namespace {
@@ -274,7 +275,13 @@ TEST(QuantizeCli, PackedFileLoadsAsQuantizedLinear) {
     std::printf("  %s: fp32 loss %.6f, int8 loss %.6f\n", method, lf, li);
     EXPECT_NEAR(li, lf, 1e-2 * lf);
   }
+  GPT loaded = load_model(dir / "rtn.safetensors", "", Rounding::Nearest);
+  EXPECT_THROW(save_model(dir / "resaved.safetensors", loaded, {}), std::invalid_argument);  // no float weights to write
   q.out = dir / "again.safetensors";
+  q.group = 24;
+  const std::string m = testing::thrown_message<std::invalid_argument>([&] { (void)run_quantize(q); });
+  EXPECT_MESSAGE_HAS(m, "--group 24 must be a multiple of 8");
+  q.group = 32;
   q.model = dir / "rtn.safetensors";
   EXPECT_THROW((void)run_quantize(q), std::invalid_argument);  // already quantized
   fs::remove_all(dir);
