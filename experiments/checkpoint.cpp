@@ -6,6 +6,8 @@
 #include "core/ops.h"
 #include "core/quantize.h"
 #include "core/safetensors.h"
+#include "experiments/quantize.h"
+#include "layers/quantized_linear.h"
 
 namespace intrain {
 
@@ -38,6 +40,10 @@ int meta_int(const SafeTensorsFile& f, const std::string& key) {
 }  // namespace
 
 void save_model(const std::filesystem::path& path, const GPT& model, const Metadata& extra) {
+  write_safetensors(path, model_file(model, extra));
+}
+
+SafeTensorsFile model_file(const GPT& model, const Metadata& extra) {
   SafeTensorsFile f;
   f.metadata = extra;
   const GPTConfig& c = model.config();
@@ -48,8 +54,14 @@ void save_model(const std::filesystem::path& path, const GPT& model, const Metad
   f.metadata["vocab_size"] = std::to_string(c.vocab_size);
   f.metadata["format"] = model.precision().name();
   f.metadata["intrain"] = kVersion;
-  for (const Param& p : model.params()) f.add(p.name, float_tensor(p.value));
-  write_safetensors(path, f);
+  for (const Param& p : model.params()) {
+    if (p.master.empty()) {
+      throw std::invalid_argument("save_model: " + p.name + " is held only as packed codes (a quantized model); " +
+                                  "write quantized models with intrain quantize");
+    }
+    f.add(p.name, float_tensor(p.value));
+  }
+  return f;
 }
 
 void save_train_state(const std::filesystem::path& path, const GPT& model, std::uint64_t next_step,
@@ -93,7 +105,13 @@ GPT load_model(const std::filesystem::path& path, const std::string& format_over
     }
   }
   GPT model(cfg, Precision::parse(fmt, rounding), 0);
+  std::vector<std::string> packed;  // modules stored as packed codes
   for (Param& p : model.params()) {
+    const std::string module = p.name.substr(0, p.name.rfind('.'));
+    if (!f.contains(p.name) && p.kind == ParamKind::MatmulWeight && f.contains(module + ".qweight")) {
+      packed.push_back(module);
+      continue;
+    }
     const SafeTensor& st = f.at(p.name);
     if (st.shape != std::vector<std::int64_t>(p.master.shape().begin(), p.master.shape().end())) {
       fail(path, "tensor '" + p.name + "' has shape " + shape_str(Shape(st.shape.begin(), st.shape.end())) +
@@ -111,6 +129,17 @@ GPT load_model(const std::filesystem::path& path, const std::string& format_over
       p.value = quantize(vals, p.master.shape(), operand ? model.precision().w : residual_format());
       p.master = quantize_at(vals, p.master.shape(), Format::wide(31), kMasterExponent);
     }
+  }
+  for (const std::string& module : packed) {
+    Param& w = model.param(module + ".weight");
+    try {
+      model.replace_linear(module, std::make_unique<QuantizedLinear>(module, read_packed(f, module, w.master.rows(), w.master.cols()),
+                                                                     &model.param(module + ".bias")));
+    } catch (const std::invalid_argument& e) {
+      fail(path, "packed weight '" + module + "': " + e.what());
+    }
+    w.master = Tensor();
+    w.value = Tensor();
   }
   return model;
 }

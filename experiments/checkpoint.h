@@ -26,6 +26,7 @@
 #include <map>
 #include <string>
 
+#include "core/safetensors.h"
 #include "layers/gpt.h"
 
 namespace intrain {
@@ -33,12 +34,18 @@ namespace intrain {
 using Metadata = std::map<std::string, std::string>;
 
 void save_model(const std::filesystem::path& path, const GPT& model, const Metadata& extra);
+// The contents save_model() writes, for writers that change some tensors
+// (intrain quantize replaces block weights by packed codes).
+SafeTensorsFile model_file(const GPT& model, const Metadata& extra);
 void save_train_state(const std::filesystem::path& path, const GPT& model, std::uint64_t next_step,
                       const Metadata& settings);
 
 // Reads model.safetensors: its configuration and format (from metadata, or
 // `format_override` if non-empty) and a model whose values are the file's
-// weights (cast to the format). Throws std::runtime_error naming the file and
+// weights (cast to the format). A file written by `intrain quantize` holds a
+// block weight as packed codes ("<module>.qweight", ".qzeros", ".scales"; see
+// experiments/quantize.h): that module becomes a frozen QuantizedLinear and
+// its float weight parameter is left empty (no float copy is kept). Throws std::runtime_error naming the file and
 // what is wrong: a missing tensor, a shape that does not match the metadata,
 // metadata missing or malformed.
 GPT load_model(const std::filesystem::path& path, const std::string& format_override, Rounding rounding);

@@ -9,6 +9,7 @@
 #include "experiments/ablate.h"
 #include "experiments/bound.h"
 #include "experiments/evaluate.h"
+#include "experiments/quantize.h"
 #include "experiments/selfcheck.h"
 #include "experiments/train.h"
 
@@ -140,6 +141,23 @@ int main(int argc, char** argv) {
   bound->add_option("--d-model", bo.d_model, "Model width, for the parameter count")->check(CLI::Range(8, 4096));
   bound->add_option("--log-every", bo.log_every, "Print every N steps")->check(CLI::PositiveNumber);
 
+  intrain::QuantizeOptions qu;
+  std::string quant_data;
+  auto* quant = app.add_subcommand("quantize", "Group-wise RTN or GPTQ quantization of a checkpoint's block linears");
+  quant->add_option("--model", qu.model, "model.safetensors written by intrain train")->required();
+  quant->add_option("--out", qu.out, "The quantized model file to write (packed safetensors)")->required();
+  quant->add_option("--bits", qu.bits, "Bits per weight code")->check(CLI::Range(2, 8));
+  quant->add_option("--group", qu.group, "Weights per group along the input dimension (a multiple of 8 dividing it)")
+      ->check(CLI::Range(8, 4096));
+  quant->add_option("--method", qu.method, "rtn or gptq")->check(CLI::IsMember({"rtn", "gptq"}));
+  quant->add_option("--calib-tokens", qu.calib_tokens, "GPTQ calibration tokens from the train split")
+      ->check(CLI::Range(1L, 100000000L));
+  quant->add_flag("--act-order", qu.act_order, "GPTQ: quantize inputs by decreasing Hessian diagonal (static groups)");
+  quant->add_option("--damp", qu.damp, "GPTQ damping, a fraction of the mean Hessian diagonal")->check(CLI::PositiveNumber);
+  quant->add_option("--data", quant_data, "Calibration text file (default: the KJV); its train split is used");
+  quant->add_option("--seed", qu.seed, "Seed of the calibration windows");
+  quant->add_option("--threads", qu.threads, "OpenMP threads (0: default)")->check(CLI::NonNegativeNumber);
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*selfcheck) return intrain::run_selfcheck(sc);
@@ -182,6 +200,11 @@ int main(int argc, char** argv) {
     }
     if (*bound) {
       intrain::run_bound(bo);
+      return 0;
+    }
+    if (*quant) {
+      if (!quant_data.empty()) qu.data = quant_data;
+      std::cout << intrain::run_quantize(qu).dump() << std::endl;
       return 0;
     }
     if (*sample) {

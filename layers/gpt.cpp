@@ -94,10 +94,10 @@ GPT::GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed, float 
     const std::string p = "h." + std::to_string(l) + ".";
     blocks_.push_back(Block{&param(p + "ln_1.weight"), &param(p + "ln_1.bias"), &param(p + "ln_2.weight"),
                             &param(p + "ln_2.bias"),
-                            Linear(&param(p + "attn.c_attn.weight"), &param(p + "attn.c_attn.bias"), prec_.tiling),
-                            Linear(&param(p + "attn.c_proj.weight"), &param(p + "attn.c_proj.bias"), prec_.tiling),
-                            Linear(&param(p + "mlp.c_fc.weight"), &param(p + "mlp.c_fc.bias"), prec_.tiling),
-                            Linear(&param(p + "mlp.c_proj.weight"), &param(p + "mlp.c_proj.bias"), prec_.tiling),
+                            std::make_unique<Linear>(&param(p + "attn.c_attn.weight"), &param(p + "attn.c_attn.bias"), prec_.tiling),
+                            std::make_unique<Linear>(&param(p + "attn.c_proj.weight"), &param(p + "attn.c_proj.bias"), prec_.tiling),
+                            std::make_unique<Linear>(&param(p + "mlp.c_fc.weight"), &param(p + "mlp.c_fc.bias"), prec_.tiling),
+                            std::make_unique<Linear>(&param(p + "mlp.c_proj.weight"), &param(p + "mlp.c_proj.bias"), prec_.tiling),
                             {}, {}, {}, {}, {}, {}, {}});
   }
   refresh_values(0, seed);
@@ -115,6 +115,27 @@ std::int64_t GPT::num_parameters() const {
   return n;
 }
 
+std::vector<std::string> GPT::linear_modules() const {
+  std::vector<std::string> names;
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    const std::string p = "h." + std::to_string(l) + ".";
+    for (const char* m : {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}) names.push_back(p + m);
+  }
+  return names;
+}
+
+std::unique_ptr<LinearLayer> GPT::replace_linear(const std::string& module, std::unique_ptr<LinearLayer> layer) {
+  const std::vector<std::string> names = linear_modules();
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    if (names[i] != module) continue;
+    Block& b = blocks_[i / 4];
+    std::unique_ptr<LinearLayer>* slots[] = {&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj};
+    std::swap(*slots[i % 4], layer);
+    return layer;
+  }
+  throw std::out_of_range("GPT: no linear layer named '" + module + "'");
+}
+
 RngKey GPT::key(std::uint64_t op) const { return RngKey(seed_, stream_id(step_, op)); }
 
 void GPT::note(const Tensor& t) {
@@ -126,6 +147,7 @@ void GPT::refresh_values(std::uint64_t step, std::uint64_t seed) {
   const RngKey base(seed, stream_id(step, 0xF0F0));
   for (std::size_t i = 0; i < params_.size(); ++i) {
     Param& p = params_[i];
+    if (p.master.empty()) continue;  // a weight replaced for good (e.g. by packed codes)
     if (prec_.is_float()) {
       p.value = p.master;
       continue;
@@ -150,7 +172,7 @@ Tensor GPT::block_forward(Block& b, int layer, Tensor h) {
   // Attention: h += c_proj(attn(ln_1(h)))
   const Tensor a1 = layernorm_forward(h, b.ln1_g->value, b.ln1_b->value, A_in, key(id + 1), b.ln1);
   note(a1);
-  const Tensor qkv = b.c_attn.forward(a1, A, key(id + 2));
+  const Tensor qkv = b.c_attn->forward(a1, A, key(id + 2));
   note(qkv);
   split_heads(qkv, B_, T_, H, A, key(id + 3), b.q, b.k, b.v);
   const Tensor S = matmul(b.q, b.k, Trans::N, Trans::T);  // [BH, T, T]
@@ -158,17 +180,17 @@ Tensor GPT::block_forward(Block& b, int layer, Tensor h) {
   note(b.P);
   const Tensor Y = merge_heads(matmul(b.P, b.v), B_, T_, H, A_in, key(id + 5));  // [B*T, C]
   note(Y);
-  const Tensor o = b.c_proj.forward(Y, residual(), key(id + 6));
+  const Tensor o = b.c_proj->forward(Y, residual(), key(id + 6));
   residual_add(h, o, key(id + 7));
   note(h);
 
   // MLP: h += c_proj(gelu(c_fc(ln_2(h))))
   const Tensor a2 = layernorm_forward(h, b.ln2_g->value, b.ln2_b->value, A_in, key(id + 8), b.ln2);
   note(a2);
-  b.z = b.c_fc.forward(a2, residual(), key(id + 9));
+  b.z = b.c_fc->forward(a2, residual(), key(id + 9));
   const Tensor g = gelu_forward(b.z, A_in, key(id + 10));
   note(g);
-  const Tensor p = b.mlp_proj.forward(g, residual(), key(id + 11));
+  const Tensor p = b.mlp_proj->forward(g, residual(), key(id + 11));
   residual_add(h, p, key(id + 12));
   note(h);
   return h;
@@ -184,10 +206,10 @@ Tensor GPT::block_backward(Block& b, int layer, Tensor dh) {
   // MLP: dh flows into both the residual and the MLP branch.
   const Tensor dp = cast(dh, E_in, key(id + 1));
   note(dp);
-  const Tensor dg = b.mlp_proj.backward(dp, key(id + 11));
+  const Tensor dg = b.mlp_proj->backward(dp, key(id + 11));
   const Tensor dz = gelu_backward(dg, b.z, E_in, key(id + 2));
   note(dz);
-  const Tensor da2 = b.c_fc.backward(dz, key(id + 12));
+  const Tensor da2 = b.c_fc->backward(dz, key(id + 12));
   Tensor dg2, db2;
   const Tensor dln2 = layernorm_backward(da2, b.ln2_g->value, b.ln2, dg2, db2, key(id + 3));
   b.ln2_g->accumulate(std::move(dg2));
@@ -198,7 +220,7 @@ Tensor GPT::block_backward(Block& b, int layer, Tensor dh) {
   // Attention.
   const Tensor dout = cast(dh, E_in, key(id + 5));
   note(dout);
-  const Tensor dY = split_heads_one(b.c_proj.backward(dout, key(id + 13)), B_, T_, H, E, key(id + 6));  // [BH, T, D]
+  const Tensor dY = split_heads_one(b.c_proj->backward(dout, key(id + 13)), B_, T_, H, E, key(id + 6));  // [BH, T, D]
   note(dY);
   const Tensor dP = matmul(dY, b.v, Trans::N, Trans::T);  // [BH, T, T]
   const Tensor dV = matmul(b.P, dY, Trans::T, Trans::N);  // [BH, T, D]
@@ -208,7 +230,7 @@ Tensor GPT::block_backward(Block& b, int layer, Tensor dh) {
   const Tensor dK = matmul(dS, b.q, Trans::T, Trans::N);  // [BH, T, D]
   const Tensor dqkv = merge_qkv(dQ, dK, dV, B_, T_, H, E_in, key(id + 8));
   note(dqkv);
-  const Tensor da1 = b.c_attn.backward(dqkv, key(id + 14));
+  const Tensor da1 = b.c_attn->backward(dqkv, key(id + 14));
   Tensor dg1, db1;
   const Tensor dln1 = layernorm_backward(da1, b.ln1_g->value, b.ln1, dg1, db1, key(id + 9));
   b.ln1_g->accumulate(std::move(dg1));
@@ -231,7 +253,7 @@ double GPT::forward(const std::int32_t* tokens, const std::int32_t* targets, std
   saturated_ = 0;
   cast_elements_ = 0;
   for (Block& b : blocks_)
-    for (Linear* l : {&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj}) l->reset_counts();
+    for (LinearLayer* l : {b.c_attn.get(), b.c_proj.get(), b.c_fc.get(), b.mlp_proj.get()}) l->reset_counts();
   tokens_.assign(tokens, tokens + B * T);
 
   Tensor h = embedding_forward(tokens, B, T, wte_->value, wpe_->value);
@@ -268,7 +290,7 @@ void GPT::backward() {
 std::int64_t GPT::outliers(std::int64_t* elements) const {
   std::int64_t n = 0, e = 0;
   for (const Block& b : blocks_) {
-    for (const Linear* l : {&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj}) {
+    for (const LinearLayer* l : {b.c_attn.get(), b.c_proj.get(), b.c_fc.get(), b.mlp_proj.get()}) {
       n += l->outliers();
       e += l->split_elements();
     }
@@ -279,7 +301,7 @@ std::int64_t GPT::outliers(std::int64_t* elements) const {
 
 void GPT::observe_splits(const SplitObserver& f) {
   for (Block& b : blocks_)
-    for (Linear* l : {&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj}) l->set_observer(f);
+    for (LinearLayer* l : {b.c_attn.get(), b.c_proj.get(), b.c_fc.get(), b.mlp_proj.get()}) l->set_observer(f);
 }
 
 }  // namespace intrain

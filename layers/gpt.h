@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -69,10 +70,19 @@ class GPT {
   void observe_splits(const SplitObserver& f);
   std::int64_t num_parameters() const;
 
+  // The block linears by Hugging Face module name: "h.<l>.attn.c_attn",
+  // "h.<l>.attn.c_proj", "h.<l>.mlp.c_fc", "h.<l>.mlp.c_proj" (in that order).
+  std::vector<std::string> linear_modules() const;
+  // Puts `layer` in place of the named linear and returns the one it replaces
+  // (throws std::out_of_range for an unknown name). The parameters stay in
+  // params(); a caller that drops a weight for good may empty its tensors
+  // (refresh_values() skips a parameter without a master).
+  std::unique_ptr<LinearLayer> replace_linear(const std::string& module, std::unique_ptr<LinearLayer> layer);
+
  private:
   struct Block {
     Param *ln1_g, *ln1_b, *ln2_g, *ln2_b;
-    Linear c_attn, c_proj, c_fc, mlp_proj;
+    std::unique_ptr<LinearLayer> c_attn, c_proj, c_fc, mlp_proj;
     LayerNormCache ln1, ln2;
     Tensor q, k, v, P, z;  // saved for backward
   };

@@ -24,24 +24,41 @@ namespace intrain {
 // for every split a layer makes; for statistics (analysis/outlier_stats).
 using SplitObserver = std::function<void(const std::string&, char, const Tensor&, const OutlierSplit&)>;
 
-class Linear {
+// What a model needs from any linear layer: a plain trainable Linear, a
+// frozen QuantizedLinear (layers/quantized_linear.h), or a wrapper that
+// observes its inputs (GPTQ calibration). Calls are per layer, not per element.
+class LinearLayer {
+ public:
+  virtual ~LinearLayer() = default;
+  // x must already be in the activation format (its 16-bit source when the
+  // layer tiles A). Returns x·W + b cast to `out`; `key` keys its roundings.
+  virtual Tensor forward(const Tensor& x, const Format& out, RngKey key) = 0;
+  // dy must already be in the error format (its 16-bit source when the layer
+  // tiles E; `key` keys the split's rounding). Accumulates whatever parameter
+  // gradients the layer has and returns dx as an exact accumulator (or float).
+  virtual Tensor backward(const Tensor& dy, RngKey key) = 0;
+
+  // Outlier tiling statistics: outliers and elements split since the last
+  // reset (numerator and denominator of the outlier fraction). Layers that
+  // never split report zeros.
+  virtual std::int64_t outliers() const { return 0; }
+  virtual std::int64_t split_elements() const { return 0; }
+  virtual void reset_counts() {}
+  virtual void set_observer(SplitObserver) {}
+};
+
+class Linear : public LinearLayer {
  public:
   Linear(Param* w, Param* b, OutlierTiling tiling = {}) : w_(w), b_(b), tiling_(tiling) {}
 
-  // x must already be in the activation format (its 16-bit source when A is
-  // tiled). Returns x·W + b cast to `out`. `key` also keys the split's rounding.
-  Tensor forward(const Tensor& x, const Format& out, RngKey key);
-  // dy must already be in the error format (its 16-bit source when E is
-  // tiled; `key` keys the split's rounding). Accumulates dW and db into the
-  // parameters and returns dx as an exact accumulator (or float).
-  Tensor backward(const Tensor& dy, RngKey key = {});
+  Tensor forward(const Tensor& x, const Format& out, RngKey key) override;
+  // Accumulates dW and db into the parameters.
+  Tensor backward(const Tensor& dy, RngKey key) override;
 
-  // Outliers and elements split since the last reset (numerator and
-  // denominator of the outlier fraction).
-  std::int64_t outliers() const { return outliers_; }
-  std::int64_t split_elements() const { return split_elements_; }
-  void reset_counts() { outliers_ = split_elements_ = 0; }
-  void set_observer(SplitObserver f) { observer_ = std::move(f); }
+  std::int64_t outliers() const override { return outliers_; }
+  std::int64_t split_elements() const override { return split_elements_; }
+  void reset_counts() override { outliers_ = split_elements_ = 0; }
+  void set_observer(SplitObserver f) override { observer_ = std::move(f); }
 
  private:
   OutlierSplit split(const Tensor& t, char role, RngKey key);

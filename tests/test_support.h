@@ -9,6 +9,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -40,6 +41,15 @@ inline Tensor random_int(Shape shape, const Format& f, std::uint64_t seed, Fill 
     }
   });
   return t;
+}
+
+// n floats drawn from N(0, std²) by a seeded mt19937_64.
+inline std::vector<float> normal_floats(std::int64_t n, std::uint64_t seed, float std) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, std);
+  std::vector<float> v(static_cast<std::size_t>(n));
+  for (float& x : v) x = d(rng);
+  return v;
 }
 
 // Runs f, expects it to throw E, and returns the message (empty on failure).

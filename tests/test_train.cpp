@@ -16,7 +16,11 @@
 #include "core/safetensors.h"
 #include "experiments/checkpoint.h"
 #include "experiments/evaluate.h"
+#include "experiments/quantize.h"
+#include "core/gptq.h"
+#include "layers/quantized_linear.h"
 #include "experiments/train.h"
+#include "test_support.h"
 #include "tests/run_support.h"
 
 namespace intrain {
@@ -191,6 +195,67 @@ TEST(TrainCli, EvalPrintsOneJsonObject) {
   for (const char* k : {"loss", "perplexity", "bits_per_byte", "tokens"}) EXPECT_TRUE(j.contains(k)) << k;
   EXPECT_NEAR(j["perplexity"].get<double>(), std::exp(j["loss"].get<double>()), 1e-9);
   fs::remove_all(out);
+}
+
+// intrain quantize writes packed weights that load back as QuantizedLinear:
+// an RTN file gives exactly the loss of the same quantization done in memory
+// (same packed bits, same fp32 code), and a GPTQ file records its settings.
+TEST(QuantizeCli, PackedFileLoadsAsQuantizedLinear) {
+  const fs::path dir = fresh_dir("quantize");
+  run_train(tiny_run(dir, "fp32", 20));
+  const fs::path model = dir / "model.safetensors";
+  QuantizeOptions q;
+  q.model = model;
+  q.bits = 3;
+  q.group = 32;
+  q.data = tiny_corpus();
+  q.calib_tokens = 256;
+  q.threads = 1;
+  for (const char* method : {"rtn", "gptq"}) {
+    q.method = method;
+    q.out = dir / (std::string(method) + ".safetensors");
+    const nlohmann::json summary = run_quantize(q);
+    EXPECT_NEAR(summary["bits_per_weight"].get<double>(), 3.0 + (16.0 + 3.0) / 32.0, 1e-12);
+    const SafeTensorsFile f = read_safetensors(q.out);
+    EXPECT_FALSE(f.contains("h.0.mlp.c_fc.weight"));
+    EXPECT_TRUE(f.contains("h.0.mlp.c_fc.bias"));
+    EXPECT_EQ(f.metadata.at("quant.method"), method);
+    EXPECT_EQ(f.metadata.at("quant.calib_tokens"), std::string(method) == "gptq" ? "256" : "0");
+    GPT loaded = load_model(q.out, "", Rounding::Nearest);
+    EXPECT_TRUE(loaded.param("h.1.attn.c_attn.weight").master.empty());  // no float copy kept
+
+    GPT reference = load_model(model, "", Rounding::Nearest);
+    for (const std::string& m : reference.linear_modules()) {
+      const Param& w = reference.param(m + ".weight");
+      const std::vector<float> W(w.value.data<float>(), w.value.data<float>() + w.value.numel());
+      const PackedWeights stored = read_packed(f, m, w.value.rows(), w.value.cols());
+      if (std::string(method) == "rtn") EXPECT_EQ(stored, quantize_rtn(W, w.value.rows(), w.value.cols(), 3, 32)) << m;
+      reference.replace_linear(m, std::make_unique<QuantizedLinear>(m, stored, &reference.param(m + ".bias")));
+    }
+    std::vector<std::int32_t> x(2 * 16), y(2 * 16);
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      x[i] = 'a' + static_cast<std::int32_t>(i % 26);
+      y[i] = 'a' + static_cast<std::int32_t>((i + 1) % 26);
+    }
+    EXPECT_EQ(loaded.forward(x.data(), y.data(), 2, 16, 0, 1, false), reference.forward(x.data(), y.data(), 2, 16, 0, 1, false));
+    // The integer engine runs the packed file as well; its loss differs from
+    // fp32 by its own activation rounding (4e-4 relative when written;
+    // 1e-2 allowed).
+    GPT int8 = load_model(q.out, "int8", Rounding::Nearest);
+    const double li = int8.forward(x.data(), y.data(), 2, 16, 0, 1, false), lf = loaded.forward(x.data(), y.data(), 2, 16, 0, 1, false);
+    std::printf("  %s: fp32 loss %.6f, int8 loss %.6f\n", method, lf, li);
+    EXPECT_NEAR(li, lf, 1e-2 * lf);
+  }
+  GPT loaded = load_model(dir / "rtn.safetensors", "", Rounding::Nearest);
+  EXPECT_THROW(save_model(dir / "resaved.safetensors", loaded, {}), std::invalid_argument);  // no float weights to write
+  q.out = dir / "again.safetensors";
+  q.group = 24;
+  const std::string m = testing::thrown_message<std::invalid_argument>([&] { (void)run_quantize(q); });
+  EXPECT_MESSAGE_HAS(m, "--group 24 must be a multiple of 8");
+  q.group = 32;
+  q.model = dir / "rtn.safetensors";
+  EXPECT_THROW((void)run_quantize(q), std::invalid_argument);  // already quantized
+  fs::remove_all(dir);
 }
 
 }  // namespace

@@ -1,0 +1,53 @@
+// Matmuls with a packed group-quantized weight (core/packed_weights.h),
+// computed tile by tile: the full dequantized matrix is never built. A tile
+// is one K-group of W across all N columns (G·N int8 codes, or G·N floats in
+// the fp32 path); docs/quantized-weights.md derives both directions.
+//
+// Notation: W [K, N], Ŵ[k, n] = s[n, g]·(q[k, n] − z[n, g]), g = k / G, and
+// each binary16 scale written exactly as s = c·2^Es with Es the smallest
+// scale exponent of the matrix and c a positive integer.
+//
+// Forward  Y = X·Ŵ, X [R, K]:
+//   fp32 X      -> fp32 Y [R, N] (per tile: X[:, g]·Ŵ_g by oneDNN f32, summed over g in order).
+//   integer X   -> exact acc64 Y [R, N], exponent eX + Es:
+//   (int8 storage)   Y[r, n] = Σ_g c[n, g] · P_g[r, n],
+//                    P_g = X[:, g]·(Q_g − 2^(b−1)) + (2^(b−1) − z[n, g])·Σ_{k∈g} X[r, k]
+//                  P_g is exact in int32 (oneDNN s8·s8), the sum exact in int64:
+//                  |Y| ≤ K·qmax(X)·(2^b − 1)·max c, checked before running.
+// Backward dX = dY·Ŵᵀ, dY [R, N]:
+//   fp32 dY     -> fp32 dX [R, K] (per tile: dY·Ŵ_gᵀ, written into dX[:, g]).
+//   integer dY  -> acc32 dX [R, K], exponent eE:
+//   (int8 storage)   the scale varies along N (the contraction), so it goes into
+//                  the error: E_g[r, n] = round(dY[r, n]·c[n, g] / 2^sh), in
+//                  dY's own format and rounding mode, with one shift sh for all
+//                  groups (from max_n max|dY[:, n]|·max_g c[n, g], so nothing
+//                  saturates); eE = e_dY + Es + sh. Then
+//                  dX[:, g] = E_g·(Q_g − 2^(b−1))ᵀ + Σ_n E_g[:, n]·(2^(b−1) − z[n, g])
+//                  exactly. The one rounding is E_g's: |error| ≤ 2^eE·ρ·Σ_n |q − z|,
+//                  ρ = 1/2 (nearest) or 1 (stochastic). Stochastic bits for
+//                  E_g[r, n] come from key.derive(g).bits(r·N + n).
+// Results are bit-identical to the *_reference loops whatever the thread count.
+#pragma once
+
+#include "core/packed_weights.h"
+#include "core/rng.h"
+#include "core/tensor.h"
+
+namespace intrain {
+
+// c[n·(K/G) + g] and Es, so that s[n, g] = c·2^Es exactly (see above).
+struct ScaleMantissas {
+  std::vector<std::int64_t> c;
+  int exponent = 0;
+  std::int64_t max_c = 0;
+};
+ScaleMantissas scale_mantissas(const PackedWeights& W);
+
+Tensor packed_matmul(const Tensor& X, const PackedWeights& W);
+Tensor packed_matmul_t(const Tensor& dY, const PackedWeights& W, RngKey key);
+
+// Plain loops over the same math (int64 sums; double sums rounded once for fp32).
+Tensor packed_matmul_reference(const Tensor& X, const PackedWeights& W);
+Tensor packed_matmul_t_reference(const Tensor& dY, const PackedWeights& W, RngKey key);
+
+}  // namespace intrain
