@@ -209,7 +209,7 @@ int run_ablate(const AblateOptions& o) {
 
   if (!o.report_only) {
     // Cells still to run: no summary.json; failed ones only with --retry-failed.
-    std::vector<AblationCell> todo;
+    std::vector<AblationCell> pending;
     int skipped = 0;
     for (const AblationCell& c : grid) {
       const fs::path d = cells_dir / c.name();
@@ -217,17 +217,17 @@ int run_ablate(const AblateOptions& o) {
         ++skipped;
         continue;
       }
-      todo.push_back(c);
+      pending.push_back(c);
     }
     std::fprintf(stderr, "ablate: %zu cells, %d already finished, %zu to run (%d at a time)\n", grid.size(), skipped,
-                 todo.size(), o.jobs);
+                 pending.size(), o.jobs);
     const fs::path exe = self_exe();
     const int threads = o.train.threads > 0 ? o.train.threads : (o.jobs > 1 ? 1 : 0);
     std::map<pid_t, AblationCell> running;
     std::size_t next = 0, finished = 0;
-    while (next < todo.size() || !running.empty()) {
-      while (next < todo.size() && static_cast<int>(running.size()) < o.jobs) {
-        const AblationCell& c = todo[next++];
+    while (next < pending.size() || !running.empty()) {
+      while (next < pending.size() && static_cast<int>(running.size()) < o.jobs) {
+        const AblationCell& c = pending[next++];
         const fs::path d = cells_dir / c.name();
         fs::remove(d / "failed.json");
         const bool resume = fs::exists(d / "train_state.safetensors");
@@ -249,11 +249,11 @@ int run_ablate(const AblateOptions& o) {
                                                     : last_line(cells_dir / (c.name() + ".log"));
         fs::create_directories(d);
         write_text_atomically(d / "failed.json", json{{"message", msg}, {"status", status}}.dump(2) + "\n");
-        std::fprintf(stderr, "ablate: [%zu/%zu] %s FAILED: %s\n", finished, todo.size(), c.name().c_str(), msg.c_str());
+        std::fprintf(stderr, "ablate: [%zu/%zu] %s FAILED: %s\n", finished, pending.size(), c.name().c_str(), msg.c_str());
       } else {
         std::ifstream in(d / "summary.json");
         const json s = json::parse(in);
-        std::fprintf(stderr, "ablate: [%zu/%zu] %s  val %.4f  %.0f tok/s  %.0f s\n", finished, todo.size(),
+        std::fprintf(stderr, "ablate: [%zu/%zu] %s  val %.4f  %.0f tok/s  %.0f s\n", finished, pending.size(),
                      c.name().c_str(), s.value("final_val_loss", 0.0), s.value("tokens_per_s", 0.0),
                      s.value("wall_s", 0.0));
       }

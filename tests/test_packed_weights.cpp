@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "core/gptq.h"
@@ -129,24 +130,25 @@ TEST(Rtn, EqualsPlainPerGroupReference) {
       const PackedWeights w = quantize_rtn(W, K, N, bits, G);
       const double maxq = (1 << bits) - 1;
       // The reference, written out: min-max widened to 0, binary16 scale, floor, codes.
+      // min and max of group g of column n, widened to include 0
+      auto group_range = [&](std::int64_t n, std::int64_t g) {
+        float mn = 0, mx = 0;
+        for (std::int64_t k = g * G; k < (g + 1) * G; ++k) {
+          mn = std::min(mn, W[static_cast<std::size_t>(k * N + n)]);
+          mx = std::max(mx, W[static_cast<std::size_t>(k * N + n)]);
+        }
+        return std::pair{mn, mx};
+      };
       double raw_max = 0.0;
       for (std::int64_t n = 0; n < N; ++n)
         for (std::int64_t g = 0; g < K / G; ++g) {
-          float mn = 0, mx = 0;
-          for (std::int64_t k = g * G; k < (g + 1) * G; ++k) {
-            mn = std::min(mn, W[static_cast<std::size_t>(k * N + n)]);
-            mx = std::max(mx, W[static_cast<std::size_t>(k * N + n)]);
-          }
+          const auto [mn, mx] = group_range(n, g);
           raw_max = std::max(raw_max, (double{mx} - mn) / maxq);
         }
       const double floor = std::max(raw_max / 65536.0, std::ldexp(1.0, -24));
       for (std::int64_t n = 0; n < N; ++n)
         for (std::int64_t g = 0; g < K / G; ++g) {
-          float mn = 0, mx = 0;
-          for (std::int64_t k = g * G; k < (g + 1) * G; ++k) {
-            mn = std::min(mn, W[static_cast<std::size_t>(k * N + n)]);
-            mx = std::max(mx, W[static_cast<std::size_t>(k * N + n)]);
-          }
+          const auto [mn, mx] = group_range(n, g);
           const float s = static_cast<float>(static_cast<_Float16>(static_cast<float>(std::max((double{mx} - mn) / maxq, floor))));
           const double z = std::clamp(std::nearbyint(-double{mn} / s), 0.0, maxq);
           ASSERT_EQ(w.scale(n, g), s);
