@@ -51,6 +51,11 @@ void embedding_backward(const std::int32_t* tokens, std::int64_t B, std::int64_t
 // a + b for two accumulators of the same shape (gradients of a shared
 // parameter): exact in int64 at a common exponent (integer), or float.
 Tensor add_accumulators(const Tensor& a, const Tensor& b);
+// s * acc for an accumulator (or float). Integer: s is rounded once to
+// m * 2^-k with 16 significant bits (exact for a power of two; relative error
+// <= 2^-16 otherwise) and the mantissas are multiplied by m exactly in int64;
+// a product that could reach 2^62 throws instead of wrapping.
+Tensor scale_accumulator(const Tensor& acc, double s);
 
 // What LayerNorm's backward needs: the normalised input and 1/sigma per row.
 struct LayerNormCache {
@@ -91,6 +96,13 @@ struct CrossEntropy {
 CrossEntropy cross_entropy(const Tensor& logits, const std::int32_t* targets, const Format& grad_format, RngKey key);
 // Loss only (evaluation): no gradient.
 double cross_entropy_loss(const Tensor& logits, const std::int32_t* targets);
+// Cross-entropy against soft targets (distillation): the gradient of
+//   weight * mean_r H(target_r, softmax(logits_r)),  i.e.  weight * (softmax - target) / R,
+// cast to `grad_format`. `target` [R, V] holds probability rows: fp32 for float
+// logits; int32 mantissas at exponent -30 (Q30, rows summing to 2^30) for
+// integer logits, the integer softmax's own grid, so the difference is exact.
+Tensor soft_cross_entropy_grad(const Tensor& logits, const Tensor& target, double weight, const Format& grad_format,
+                               RngKey key);
 
 // qkv [B*T, 3C] -> q, k, v, each [B*H, T, C/H], cast to `f`.
 void split_heads(const Tensor& qkv, std::int64_t B, std::int64_t T, std::int64_t H, const Format& f, RngKey key,

@@ -1,4 +1,5 @@
 // Elementwise and layout ops: cast, bias, residual, embedding, head layouts.
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -231,6 +232,31 @@ Tensor add_accumulators(const Tensor& a, const Tensor& b) {
     return s;
   }
   return aligned_sum(a, b);
+}
+
+Tensor scale_accumulator(const Tensor& acc, double s) {
+  check(std::isfinite(s) && s != 0.0, "scale_accumulator: the factor must be finite and non-zero, got " + std::to_string(s));
+  if (acc.format().is_float()) {
+    Tensor y = acc;
+    float* p = y.data<float>();
+    const float f = static_cast<float>(s);
+    for (std::int64_t i = 0; i < y.numel(); ++i) p[i] *= f;
+    return y;
+  }
+  // s = m * 2^-k with |m| in [2^15, 2^16): 16 significant bits.
+  const int k = 15 - std::ilogb(s);
+  const std::int64_t m = std::llround(std::ldexp(s, k));
+  const std::uint64_t mx = max_abs_mantissa(acc);
+  check(bit_length(mx) + bit_length(abs_u64(m)) <= 62,
+        "scale_accumulator: " + acc.describe() + " times " + std::to_string(s) + " would overflow int64");
+  Tensor y = acc64(acc.shape(), acc.exponent() - k);
+  std::int64_t* o = y.data<std::int64_t>();
+  for_int(acc, [&](const auto* a) {
+    for_chunks(acc.numel(), [&](std::int64_t, std::int64_t i0, std::int64_t i1) {
+      for (std::int64_t i = i0; i < i1; ++i) o[i] = static_cast<std::int64_t>(a[i]) * m;
+    });
+  });
+  return y;
 }
 
 // ---------------------------------------------------------------------------

@@ -339,38 +339,42 @@ double cross_entropy_loss(const Tensor& logits, const std::int32_t* targets) {
          static_cast<double>(R);
 }
 
-CrossEntropy cross_entropy(const Tensor& logits, const std::int32_t* targets, const Format& grad_format, RngKey key) {
+namespace {
+
+// grad = weight * (softmax(logits) - target) / R, cast to grad_format; the
+// target rows come from `subtract(r, p)`, which subtracts row r's target from
+// p: float probabilities (float logits) or Q30 integers (integer logits).
+template <class SubtractFloat, class SubtractQ30>
+Tensor softmax_minus_target(const Tensor& logits, double weight, const Format& grad_format, RngKey key,
+                            SubtractFloat subtract_float, SubtractQ30 subtract_q30) {
   const std::int64_t V = logits.cols(), R = logits.numel() / V;
-  CrossEntropy ce;
-  ce.loss = cross_entropy_loss(logits, targets);
   if (logits.format().is_float()) {
     Tensor g(logits.shape(), Format::fp32());
     const float* l = logits.data<float>();
     float* o = g.data<float>();
-    const float invR = 1.0f / static_cast<float>(R);
+    const double w = weight / static_cast<double>(R);
     for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
+      std::vector<double> p(static_cast<std::size_t>(V));
       for (std::int64_t r = r0; r < r1; ++r) {
         const float* lr = l + r * V;
         const float mx = *std::max_element(lr, lr + V);
         double sum = 0.0;
-        for (std::int64_t j = 0; j < V; ++j) sum += std::exp(static_cast<double>(lr[j]) - mx);
-        for (std::int64_t j = 0; j < V; ++j) {
-          const double p = std::exp(static_cast<double>(lr[j]) - mx) / sum;
-          o[r * V + j] = static_cast<float>((p - (j == targets[r] ? 1.0 : 0.0)) * invR);
-        }
+        for (std::int64_t j = 0; j < V; ++j) sum += p[static_cast<std::size_t>(j)] = std::exp(static_cast<double>(lr[j]) - mx);
+        for (std::int64_t j = 0; j < V; ++j) p[static_cast<std::size_t>(j)] /= sum;
+        subtract_float(r, p.data());
+        for (std::int64_t j = 0; j < V; ++j) o[r * V + j] = static_cast<float>(p[static_cast<std::size_t>(j)] * w);
       }
     }, 64);
-    ce.grad = cast(g, grad_format, key);
-    return ce;
+    return cast(g, grad_format, key);
   }
   const std::int64_t* poly = exp2_poly().c.data();
   const ExpScale sc = exp_scale(1.0, logits.exponent());
   const ExpArgs ea(sc);
-  // grad = (p - onehot) * round(2^k / R) at exponent -30 - k, with k chosen
-  // so the multiplier lies in [2^30, 2^31]: |p - onehot| <= 2^30 keeps the
-  // product below 2^61.
-  const int k = 30 + bit_length(static_cast<std::uint64_t>(R));
-  const std::int64_t inv_r = std::llround(std::ldexp(1.0, k) / static_cast<double>(R));
+  // grad = (p - target) * m at exponent -30 - k, with weight / R = m * 2^-k:
+  // k = 30 + bit_length(R) - ilogb(weight) puts m in (2^30, 2^32], so
+  // |p - target| <= 2^30 keeps the product below 2^62.
+  const int k = 30 + bit_length(static_cast<std::uint64_t>(R)) - std::ilogb(weight);
+  const std::int64_t m = std::llround(std::ldexp(weight, k) / static_cast<double>(R));
   Tensor acc = Tensor::uninitialized(logits.shape(), Format::accumulator(64), -30 - k);
   std::int64_t* o = acc.data<std::int64_t>();
   std::vector<std::uint64_t> mx(static_cast<std::size_t>(num_chunks(R, 64)), 0);
@@ -378,7 +382,7 @@ CrossEntropy cross_entropy(const Tensor& logits, const std::int32_t* targets, co
     for_chunks(R, [&](std::int64_t c, std::int64_t r0, std::int64_t r1) {
       std::vector<std::int64_t> tmp(static_cast<std::size_t>(V));
       std::vector<std::int32_t> p(static_cast<std::size_t>(V));
-      std::uint64_t m = 0;
+      std::uint64_t mc = 0;
       for (std::int64_t r = r0; r < r1; ++r) {
         using S = std::remove_const_t<std::remove_pointer_t<decltype(l)>>;
         bool done = false;
@@ -392,20 +396,57 @@ CrossEntropy cross_entropy(const Tensor& logits, const std::int32_t* targets, co
           softmax_row_q30(l + r * V, V, sc, tmp.data());
           for (std::int64_t j = 0; j < V; ++j) p[static_cast<std::size_t>(j)] = static_cast<std::int32_t>(tmp[static_cast<std::size_t>(j)]);
         }
-        p[static_cast<std::size_t>(targets[r])] -= std::int32_t{1} << 30;
+        subtract_q30(r, p.data());
         for (std::int64_t j = 0; j < V; ++j) {
-          const std::int64_t g = static_cast<std::int64_t>(p[static_cast<std::size_t>(j)]) * inv_r;
+          const std::int64_t g = static_cast<std::int64_t>(p[static_cast<std::size_t>(j)]) * m;
           o[r * V + j] = g;
-          m = std::max(m, abs_u64(g));
+          mc = std::max(mc, abs_u64(g));
         }
       }
-      mx[static_cast<std::size_t>(c)] = m;
+      mx[static_cast<std::size_t>(c)] = mc;
     }, 64);
   });
   std::uint64_t mxall = 0;
   for (auto v : mx) mxall = std::max(mxall, v);
-  ce.grad = requantize_with_max(acc, mxall, grad_format, key);
+  return requantize_with_max(acc, mxall, grad_format, key);
+}
+
+}  // namespace
+
+CrossEntropy cross_entropy(const Tensor& logits, const std::int32_t* targets, const Format& grad_format, RngKey key) {
+  CrossEntropy ce;
+  ce.loss = cross_entropy_loss(logits, targets);  // also checks the targets
+  ce.grad = softmax_minus_target(
+      logits, 1.0, grad_format, key, [&](std::int64_t r, double* p) { p[targets[r]] -= 1.0; },
+      [&](std::int64_t r, std::int32_t* p) { p[targets[r]] -= std::int32_t{1} << 30; });
   return ce;
+}
+
+Tensor soft_cross_entropy_grad(const Tensor& logits, const Tensor& target, double weight, const Format& grad_format,
+                               RngKey key) {
+  const std::int64_t V = logits.cols();
+  if (target.numel() != logits.numel() || target.cols() != V) {
+    throw std::invalid_argument("soft_cross_entropy_grad: target " + target.describe() + " does not match the logits " +
+                                logits.describe());
+  }
+  if (!(weight > 0.0) || !std::isfinite(weight)) {
+    throw std::invalid_argument("soft_cross_entropy_grad: weight must be positive and finite, got " + std::to_string(weight));
+  }
+  const bool int_logits = logits.format().is_integer();
+  if (int_logits != (target.dtype() == DType::I32 && target.exponent() == -30)) {
+    throw std::invalid_argument("soft_cross_entropy_grad: integer logits need an int32 Q30 target (exponent -30), float "
+                                "logits an fp32 target; got " + target.describe() + " for " + logits.describe());
+  }
+  return softmax_minus_target(
+      logits, weight, grad_format, key,
+      [&](std::int64_t r, double* p) {
+        const float* t = target.data<float>() + r * V;
+        for (std::int64_t j = 0; j < V; ++j) p[j] -= t[j];
+      },
+      [&](std::int64_t r, std::int32_t* p) {
+        const std::int32_t* t = target.data<std::int32_t>() + r * V;
+        for (std::int64_t j = 0; j < V; ++j) p[j] -= t[j];
+      });
 }
 
 }  // namespace intrain

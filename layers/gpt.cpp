@@ -124,16 +124,33 @@ std::vector<std::string> GPT::linear_modules() const {
   return names;
 }
 
+std::pair<std::int64_t, std::int64_t> GPT::linear_dims(const std::string& module) const {
+  const std::int64_t C = cfg_.n_embd;
+  if (module.ends_with("attn.c_attn")) return {C, 3 * C};
+  if (module.ends_with("attn.c_proj")) return {C, C};
+  if (module.ends_with("mlp.c_fc")) return {C, 4 * C};
+  if (module.ends_with("mlp.c_proj")) return {4 * C, C};
+  throw std::out_of_range("GPT: no linear layer named '" + module + "'");
+}
+
+std::unique_ptr<LinearLayer>* GPT::linear_slot(std::size_t i) {
+  Block& b = blocks_[i / 4];
+  std::unique_ptr<LinearLayer>* slots[] = {&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj};
+  return slots[i % 4];
+}
+
 std::unique_ptr<LinearLayer> GPT::replace_linear(const std::string& module, std::unique_ptr<LinearLayer> layer) {
   const std::vector<std::string> names = linear_modules();
   for (std::size_t i = 0; i < names.size(); ++i) {
     if (names[i] != module) continue;
-    Block& b = blocks_[i / 4];
-    std::unique_ptr<LinearLayer>* slots[] = {&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj};
-    std::swap(*slots[i % 4], layer);
+    std::swap(*linear_slot(i), layer);
     return layer;
   }
   throw std::out_of_range("GPT: no linear layer named '" + module + "'");
+}
+
+void GPT::freeze() {
+  for (Param& p : params_) p.frozen = true;
 }
 
 RngKey GPT::key(std::uint64_t op) const { return RngKey(seed_, stream_id(step_, op)); }
@@ -261,6 +278,7 @@ double GPT::forward(const std::int32_t* tokens, const std::int32_t* targets, std
   xf_ = layernorm_forward(h, lnf_g_->value, lnf_b_->value, prec_.a, key(1), lnf_);
   note(xf_);
   logits_ = matmul(xf_, wte_->value, Trans::N, Trans::T);  // tied head: [B*T, V]
+  dlogits_ = Tensor();
   if (!targets) return 0.0;
   if (!train) return cross_entropy_loss(logits_, targets);
   CrossEntropy ce = cross_entropy(logits_, targets, prec_.e, key(2));
@@ -269,20 +287,33 @@ double GPT::forward(const std::int32_t* tokens, const std::int32_t* targets, std
   return ce.loss;
 }
 
+void GPT::backward(Tensor dlogits) {
+  if (xf_.empty()) throw std::logic_error("GPT::backward: no training forward pass to differentiate");
+  if (dlogits.numel() != logits_.numel()) {
+    throw std::invalid_argument("GPT::backward: gradient " + dlogits.describe() + " does not match the logits " +
+                                logits_.describe());
+  }
+  note(dlogits);
+  dlogits_ = std::move(dlogits);
+  backward();
+}
+
 void GPT::backward() {
   if (dlogits_.empty()) throw std::logic_error("GPT::backward: no training forward pass to differentiate");
   // Tied head: logits = x·wteᵀ, so dx = dlogits·wte and dwte += dlogitsᵀ·x.
   const Tensor dx = matmul(dlogits_, wte_->value);
-  wte_->accumulate(matmul(dlogits_, xf_, Trans::T, Trans::N));
+  if (!wte_->frozen) wte_->accumulate(matmul(dlogits_, xf_, Trans::T, Trans::N));
   Tensor dg, db;
   Tensor dh = layernorm_backward(dx, lnf_g_->value, lnf_, dg, db, key(3));
   lnf_g_->accumulate(std::move(dg));
   lnf_b_->accumulate(std::move(db));
   for (int l = cfg_.n_layer - 1; l >= 0; --l) dh = block_backward(blocks_[static_cast<std::size_t>(l)], l, std::move(dh));
-  Tensor dwte, dwpe;
-  embedding_backward(tokens_.data(), B_, T_, dh, dwte, dwpe, cfg_.vocab_size, cfg_.n_ctx);
-  wte_->accumulate(std::move(dwte));
-  wpe_->accumulate(std::move(dwpe));
+  if (!wte_->frozen || !wpe_->frozen) {
+    Tensor dwte, dwpe;
+    embedding_backward(tokens_.data(), B_, T_, dh, dwte, dwpe, cfg_.vocab_size, cfg_.n_ctx);
+    wte_->accumulate(std::move(dwte));
+    wpe_->accumulate(std::move(dwpe));
+  }
   dlogits_ = Tensor();
   xf_ = Tensor();
 }

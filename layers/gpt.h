@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/ops.h"
@@ -47,12 +48,27 @@ class GPT {
   Param& param(const std::string& name);
 
   // Runs the model on tokens [B, T] (T <= n_ctx). With targets, returns the
-  // mean cross-entropy and, if `train`, keeps what backward() needs. `step`
-  // and `seed` key the stochastic rounding of this pass.
+  // mean cross-entropy and, if `train`, keeps what backward() needs. With
+  // `train` and no targets it keeps the same state and returns 0: the caller
+  // forms the logits' gradient itself and calls backward(dlogits) (LREC's
+  // distillation loss). `step` and `seed` key the stochastic rounding of this pass.
   double forward(const std::int32_t* tokens, const std::int32_t* targets, std::int64_t B, std::int64_t T,
                  std::uint64_t step, std::uint64_t seed, bool train);
-  // Accumulates every parameter's gradient for the last training forward.
+  // Accumulates every parameter's gradient for the last training forward
+  // (the cross-entropy of its targets).
   void backward();
+  // The same from a given gradient of the loss w.r.t. logits() [B*T, V], in
+  // the run's E format (or fp32).
+  void backward(Tensor dlogits);
+  // Freezes every parameter of the model (LoRA/LREC: only adapters train).
+  // Frozen weights take no gradient, and the tied head's dW is not computed.
+  void freeze();
+  // Calls f(module name, layer) for every block linear, in linear_modules() order.
+  template <class F>
+  void for_each_linear(F&& f) {
+    const std::vector<std::string> names = linear_modules();
+    for (std::size_t i = 0; i < names.size(); ++i) f(names[i], *linear_slot(i));
+  }
   // Logits of the last forward pass, [B*T, V] (accumulator or float).
   const Tensor& logits() const { return logits_; }
 
@@ -73,6 +89,8 @@ class GPT {
   // The block linears by Hugging Face module name: "h.<l>.attn.c_attn",
   // "h.<l>.attn.c_proj", "h.<l>.mlp.c_fc", "h.<l>.mlp.c_proj" (in that order).
   std::vector<std::string> linear_modules() const;
+  // [in, out] of a block linear (from the configuration; valid for packed layers too).
+  std::pair<std::int64_t, std::int64_t> linear_dims(const std::string& module) const;
   // Puts `layer` in place of the named linear and returns the one it replaces
   // (throws std::out_of_range for an unknown name). The parameters stay in
   // params(); a caller that drops a weight for good may empty its tensors
@@ -88,6 +106,7 @@ class GPT {
   };
 
   RngKey key(std::uint64_t op) const;
+  std::unique_ptr<LinearLayer>* linear_slot(std::size_t i);
   void note(const Tensor& t);
   Tensor block_forward(Block& b, int layer, Tensor h);
   Tensor block_backward(Block& b, int layer, Tensor dh);

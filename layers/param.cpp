@@ -5,6 +5,7 @@
 namespace intrain {
 
 void Param::accumulate(Tensor g) {
+  if (frozen) return;
   if (!has_grad) {
     grad = std::move(g);
     has_grad = true;

@@ -28,9 +28,12 @@ struct Param {
   ParamKind kind = ParamKind::MatmulWeight;
   Tensor master, value, grad, momentum;
   bool has_grad = false;
+  // A frozen parameter takes no gradient: accumulate() drops it (LoRA and
+  // LREC train adapters on a frozen base). Layers may skip computing it.
+  bool frozen = false;
 
   bool decays() const { return kind == ParamKind::MatmulWeight; }
-  // Adds g to the gradient of this step (the first call sets it).
+  // Adds g to the gradient of this step (the first call sets it); no-op when frozen.
   void accumulate(Tensor g);
   void zero_grad() { has_grad = false; grad = Tensor(); }
 };

@@ -105,9 +105,17 @@ std::int64_t step_int(Param& p, const SgdConfig& cfg, const Format& G, double lr
 
 std::int64_t Sgd::step(std::vector<Param>& params, const Format& grad_format, double lr, std::uint64_t key_step,
                        std::uint64_t seed) {
+  std::vector<Param*> ps;
+  ps.reserve(params.size());
+  for (Param& p : params) ps.push_back(&p);
+  return step(ps, grad_format, lr, key_step, seed);
+}
+
+std::int64_t Sgd::step(const std::vector<Param*>& params, const Format& grad_format, double lr, std::uint64_t key_step,
+                       std::uint64_t seed) {
   std::int64_t saturated = 0;
   for (std::size_t i = 0; i < params.size(); ++i) {
-    Param& p = params[i];
+    Param& p = *params[i];
     if (!p.has_grad) continue;
     if (p.grad.numel() != p.master.numel()) {
       throw std::logic_error("Sgd: gradient " + p.grad.describe() + " does not match parameter " + p.name);

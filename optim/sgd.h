@@ -43,6 +43,10 @@ class Sgd {
   // Returns the number of saturated elements (master clipping included).
   std::int64_t step(std::vector<Param>& params, const Format& grad_format, double lr, std::uint64_t key_step,
                     std::uint64_t seed);
+  // The same for parameters held elsewhere (LoRA adapters); the position in
+  // the list keys each parameter's rounding, as the index does above.
+  std::int64_t step(const std::vector<Param*>& params, const Format& grad_format, double lr, std::uint64_t key_step,
+                    std::uint64_t seed);
 
  private:
   SgdConfig cfg_;
