@@ -37,6 +37,48 @@ int meta_int(const SafeTensorsFile& f, const std::string& key) {
   }
 }
 
+// Wraps the modules that have stored adapters (see add_lora_tensors).
+void attach_saved_lora(const SafeTensorsFile& f, GPT& model) {
+  LoraConfig cfg;
+  cfg.rank = meta_int(f, "lora.rank");
+  try {
+    cfg.alpha = std::stod(f.metadata.at("lora.alpha"));
+    cfg.validate();
+  } catch (const std::exception& e) {
+    fail(f.source, std::string("adapter metadata: ") + e.what());
+  }
+  for (const std::string& module : model.linear_modules()) {
+    const SafeTensor* sa = f.find(module + ".lora_A");
+    if (!sa) continue;
+    const auto [in, out] = model.linear_dims(module);
+    auto layer = std::make_unique<LoraLinear>(module, model.replace_linear(module, nullptr), in, out, cfg,
+                                              model.precision(), 0);
+    for (Param* p : layer->params()) {
+      const SafeTensor* st = f.find(p->name);
+      if (!st) fail(f.source, "adapter tensor '" + p->name + "' is missing");
+      if (st->shape != std::vector<std::int64_t>(p->master.shape().begin(), p->master.shape().end())) {
+        fail(f.source, "adapter tensor '" + p->name + "' has shape " + shape_str(Shape(st->shape.begin(), st->shape.end())) +
+                           ", rank " + std::to_string(cfg.rank) + " needs " + shape_str(p->master.shape()));
+      }
+      Tensor stored;
+      if (st->dtype == "F32") {
+        stored = from_safetensor(*st, Format::fp32());
+      } else {
+        const auto it = f.metadata.find("lora.exponent." + p->name);
+        if (it == f.metadata.end()) fail(f.source, "metadata has no 'lora.exponent." + p->name + "'");
+        const int bits = st->dtype == "I8" ? 8 : st->dtype == "I16" ? 16 : 0;
+        if (!bits) fail(f.source, "adapter tensor '" + p->name + "' is " + st->dtype + "; expected F32, I8 or I16");
+        stored = from_safetensor(*st, Format::fixed(bits), std::stoi(it->second));
+      }
+      const std::vector<float> v = dequantize(stored);  // exact: at most 16 significant bits
+      p->master = model.precision().is_float() ? quantize(v, p->master.shape(), Format::fp32())
+                                                : quantize_at(v, p->master.shape(), Format::wide(31), kMasterExponent);
+    }
+    layer->refresh_values(0, 0);
+    model.replace_linear(module, std::move(layer));
+  }
+}
+
 }  // namespace
 
 void save_model(const std::filesystem::path& path, const GPT& model, const Metadata& extra) {
@@ -141,7 +183,22 @@ GPT load_model(const std::filesystem::path& path, const std::string& format_over
     w.master = Tensor();
     w.value = Tensor();
   }
+  if (f.metadata.count("lora.rank")) attach_saved_lora(f, model);
   return model;
+}
+
+void add_lora_tensors(SafeTensorsFile& f, const std::vector<LoraLinear*>& lora, const LoraConfig& cfg) {
+  f.metadata["lora.rank"] = std::to_string(cfg.rank);
+  f.metadata["lora.alpha"] = std::to_string(cfg.alpha);
+  std::string targets;
+  for (const std::string& t : cfg.targets) targets += (targets.empty() ? "" : ",") + t;
+  f.metadata["lora.targets"] = targets.empty() ? "all" : targets;
+  for (const LoraLinear* l : lora) {
+    for (const Param* p : l->params()) {
+      f.add(p->name, to_safetensor(p->value));
+      if (p->value.format().is_integer()) f.metadata["lora.exponent." + p->name] = std::to_string(p->value.exponent());
+    }
+  }
 }
 
 Metadata load_train_state(const std::filesystem::path& path, GPT& model) {

@@ -28,6 +28,7 @@
 
 #include "core/safetensors.h"
 #include "layers/gpt.h"
+#include "layers/lora.h"
 
 namespace intrain {
 
@@ -45,10 +46,18 @@ void save_train_state(const std::filesystem::path& path, const GPT& model, std::
 // weights (cast to the format). A file written by `intrain quantize` holds a
 // block weight as packed codes ("<module>.qweight", ".qzeros", ".scales"; see
 // experiments/quantize.h): that module becomes a frozen QuantizedLinear and
-// its float weight parameter is left empty (no float copy is kept). Throws std::runtime_error naming the file and
+// its float weight parameter is left empty (no float copy is kept). A file
+// with "lora.rank" metadata (written by `intrain lrec`) also wraps each module
+// that has "<module>.lora_A"/"lora_B" in a LoraLinear holding them. Throws std::runtime_error naming the file and
 // what is wrong: a missing tensor, a shape that does not match the metadata,
 // metadata missing or malformed.
 GPT load_model(const std::filesystem::path& path, const std::string& format_override, Rounding rounding);
+
+// Adds every adapter's A and B ("<module>.lora_A" [in, r], "<module>.lora_B"
+// [r, out]) to `f`, with metadata "lora.rank", "lora.alpha", "lora.targets".
+// Integer adapters are stored as their values' I8..I16 mantissas (the run's W
+// format; the shared exponent in "lora.exponent.<name>"), float ones as F32.
+void add_lora_tensors(SafeTensorsFile& f, const std::vector<LoraLinear*>& lora, const LoraConfig& cfg);
 
 // Restores masters and momentum into `model` from train_state.safetensors and
 // returns its metadata. The caller checks the settings and refreshes values.

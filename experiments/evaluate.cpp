@@ -13,6 +13,60 @@
 
 namespace intrain {
 
+namespace {
+
+// Log-probabilities of one row of logits, in double.
+void log_softmax_row(const Tensor& logits, std::int64_t r, std::int64_t V, std::vector<double>& out) {
+  double mx = -INFINITY;
+  for (std::int64_t j = 0; j < V; ++j) mx = std::max(mx, out[static_cast<std::size_t>(j)] = logits.value(r * V + j));
+  double z = 0.0;
+  for (std::int64_t j = 0; j < V; ++j) z += std::exp(out[static_cast<std::size_t>(j)] - mx);
+  const double lz = mx + std::log(z);
+  for (std::int64_t j = 0; j < V; ++j) out[static_cast<std::size_t>(j)] -= lz;
+}
+
+}  // namespace
+
+nlohmann::json evaluate_fidelity(GPT& model, GPT* teacher, const Corpus& corpus, int batch, long max_windows,
+                                 std::uint64_t seed) {
+  const int T = model.config().n_ctx, B = std::max(1, batch);
+  const std::int64_t V = model.config().vocab_size;
+  if (teacher && (teacher->config().n_ctx != T || teacher->config().vocab_size != V)) {
+    throw std::invalid_argument("--teacher: its context or vocabulary differs from the model's");
+  }
+  ValWindows windows(corpus.val, T, max_windows);
+  std::vector<std::int32_t> x(static_cast<std::size_t>(B) * T), y(x.size());
+  std::vector<double> lm(static_cast<std::size_t>(V)), lt(lm.size());
+  double nll = 0.0, nll_t = 0.0, kl = 0.0;
+  std::int64_t n = 0, top1 = 0, batch_index = 0;
+  while (int got = windows.next(B, x.data(), y.data())) {
+    const std::uint64_t step = (std::uint64_t{1} << 40) + static_cast<std::uint64_t>(batch_index++);
+    model.forward(x.data(), nullptr, got, T, step, seed, false);
+    if (teacher) teacher->forward(x.data(), nullptr, got, T, step, seed, false);
+    for (std::int64_t r = 0; r < static_cast<std::int64_t>(got) * T; ++r) {
+      log_softmax_row(model.logits(), r, V, lm);
+      nll -= lm[static_cast<std::size_t>(y[static_cast<std::size_t>(r)])];
+      if (teacher) {
+        log_softmax_row(teacher->logits(), r, V, lt);
+        nll_t -= lt[static_cast<std::size_t>(y[static_cast<std::size_t>(r)])];
+        double k = 0.0;
+        for (std::int64_t j = 0; j < V; ++j) k += std::exp(lt[static_cast<std::size_t>(j)]) * (lt[static_cast<std::size_t>(j)] - lm[static_cast<std::size_t>(j)]);
+        kl += k;
+        top1 += std::max_element(lm.begin(), lm.end()) - lm.begin() == std::max_element(lt.begin(), lt.end()) - lt.begin();
+      }
+      ++n;
+    }
+  }
+  if (n == 0) throw std::runtime_error("eval: the validation split holds no full window of " + std::to_string(T) + " bytes");
+  nlohmann::json j = {{"tokens", n}, {"nll", nll / n}, {"perplexity", std::exp(nll / n)}};
+  if (teacher) {
+    j["teacher_perplexity"] = std::exp(nll_t / n);
+    j["kl_mean"] = kl / n;
+    j["top1"] = static_cast<double>(top1) / n;
+  }
+  return j;
+}
+
 nlohmann::json run_eval(const EvalOptions& o) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
   GPT model = load_model(o.model, o.format, parse_rounding(o.rounding));

@@ -21,6 +21,15 @@ struct EvalOptions {
   int threads = 0;
 };
 
+class GPT;
+struct Corpus;
+// Streams the validation windows of `corpus` through model (and teacher, if
+// given) and returns per-token statistics: "tokens", "nll", "perplexity";
+// with a teacher also "teacher_perplexity", "kl_mean" (KL(teacher || model),
+// nats per token) and "top1" (argmax agreement).
+nlohmann::json evaluate_fidelity(GPT& model, GPT* teacher, const Corpus& corpus, int batch, long max_windows,
+                                 std::uint64_t seed);
+
 // {"loss": nats per byte, "perplexity", "bits_per_byte", "tokens", "format", "data"}
 nlohmann::json run_eval(const EvalOptions& opt);
 

@@ -9,6 +9,7 @@
 #include "experiments/ablate.h"
 #include "experiments/bound.h"
 #include "experiments/evaluate.h"
+#include "experiments/lrec.h"
 #include "experiments/quantize.h"
 #include "experiments/selfcheck.h"
 #include "experiments/train.h"
@@ -158,6 +159,34 @@ int main(int argc, char** argv) {
   quant->add_option("--seed", qu.seed, "Seed of the calibration windows");
   quant->add_option("--threads", qu.threads, "OpenMP threads (0: default)")->check(CLI::NonNegativeNumber);
 
+  intrain::LrecOptions lr;
+  std::string lrec_data;
+  auto* lrec = app.add_subcommand("lrec", "Train LoRA correctors of a quantized model against its float teacher (docs/lrec.md)");
+  lrec->add_option("--teacher", lr.teacher, "The float model.safetensors the quantized model came from")->required();
+  lrec->add_option("--quantized", lr.quantized, "The packed model written by intrain quantize")->required();
+  lrec->add_option("--out", lr.out, "Output folder (model.safetensors with adapters, metrics.csv, summary.json)");
+  lrec->add_option("--rank", lr.rank, "LoRA rank")->check(CLI::Range(1, 4096));
+  lrec->add_option("--alpha", lr.alpha, "LoRA alpha: the correction is scaled by alpha / rank")->check(CLI::PositiveNumber);
+  lrec->add_option("--lora-targets", lr.targets,
+                   "Block linears that get adapters, comma separated suffixes (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, "
+                   "or h.N.<name>); default: all four of every block")
+      ->delimiter(',');
+  lrec->add_option("--steps", lr.steps, "Optimizer steps")->check(CLI::Range(1L, 100000000L));
+  lrec->add_option("--batch", lr.batch, "Sequences per step")->check(CLI::Range(1, 4096));
+  lrec->add_option("--lr", lr.lr, "Peak learning rate of the adapters' SGD")->check(CLI::PositiveNumber);
+  lrec->add_option("--momentum", lr.momentum, "SGD momentum")->check(CLI::Range(0.0, 0.9999));
+  lrec->add_option("--warmup", lr.warmup, "Linear warmup steps")->check(CLI::NonNegativeNumber);
+  lrec->add_option("--ce-weight", lr.ce_weight, "Weight of the per-token cross-entropy beside the per-token KL")
+      ->check(CLI::NonNegativeNumber);
+  add_format_flags(lrec, lr.format, lr.rounding);
+  lrec->add_option("--data", lrec_data, "Text file (default: the KJV); training uses its train split only");
+  lrec->add_option("--seed", lr.seed, "Seed of the adapters' initialisation, the batches and the rounding");
+  lrec->add_option("--eval-windows", lr.eval_windows, "Validation windows of the before/after evaluation (0: all)")
+      ->check(CLI::NonNegativeNumber);
+  lrec->add_option("--threads", lr.threads, "OpenMP threads (0: default)")->check(CLI::NonNegativeNumber);
+  lrec->add_flag("--overwrite", lr.overwrite, "Replace an LREC run already in --out");
+  lrec->add_flag("--quiet", lr.quiet, "No progress line");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*selfcheck) return intrain::run_selfcheck(sc);
@@ -205,6 +234,11 @@ int main(int argc, char** argv) {
     if (*quant) {
       if (!quant_data.empty()) qu.data = quant_data;
       std::cout << intrain::run_quantize(qu).dump() << std::endl;
+      return 0;
+    }
+    if (*lrec) {
+      if (!lrec_data.empty()) lr.data = lrec_data;
+      std::cout << intrain::run_lrec(lr).dump(2) << std::endl;
       return 0;
     }
     if (*sample) {

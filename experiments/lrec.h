@@ -1,0 +1,68 @@
+// `intrain lrec`: low-rank error correction (INT2.1, Chai et al. 2023) on CPU.
+//
+// A quantized model (written by `intrain quantize`: packed, frozen block
+// linears) gets LoRA adapters (layers/lora.h) that the integer engine trains
+// so that the student's next-byte distribution matches the float teacher's:
+//
+//   loss = KL(teacher || student) + ce_weight * CE(student, next byte),
+//
+// both per token (mean over the B*T positions of a batch), in nats. INT2.1's
+// code sums the KL over a sequence and divides by the batch size only; its
+// per-token balance kl 1 : ce 120 at 2048 tokens is kl 1 : ce 0.06 per token
+// (research/int21-reference.md §4, §12), hence the default ce_weight 0.06.
+//
+// The gradient w.r.t. the student's logits is (1 + w) * (softmax - target) / R
+// with target = (p_teacher + w * onehot) / (1 + w): one soft-target
+// cross-entropy (core/ops.h soft_cross_entropy_grad), exact on the integer
+// softmax's Q30 grid. The teacher runs in fp32 on every batch (no cache of
+// logits); its probabilities are the only float input of the student's
+// integer training, formed in double and rounded once to Q30.
+//
+// Data: batches from the corpus' train split only (sample_batch, keyed by
+// (seed, step)); evaluation on the validation split.
+//
+// Outputs in --out:
+//   model.safetensors  the quantized file's tensors and metadata, plus
+//                      "<module>.lora_A" [in, r] and "<module>.lora_B" [r, out]
+//                      (I8 mantissas with "lora.exponent.<name>" in integer
+//                      runs, F32 in float runs) and "lora.*" metadata;
+//                      `intrain eval` loads it with its adapters.
+//   metrics.csv        step, loss, kl, ce, lr, tokens_per_s
+//   summary.json       before/after evaluation, effective bits, memory
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace intrain {
+
+struct LrecOptions {
+  std::filesystem::path teacher, quantized, out = "runs/lrec";
+  int rank = 2;
+  double alpha = 8.0;       // s = alpha / rank; alpha = 4 rank as in INT2.1's defaults (r 32, alpha 128)
+  std::vector<std::string> targets;  // module suffixes; empty: all four block linears
+  long steps = 300;
+  int batch = 16;
+  double lr = 0.5, momentum = 0.9;
+  long warmup = 20;
+  double ce_weight = 0.06;  // per-token CE weight beside the per-token KL
+  std::string format = "int8";  // the student's (and its adapters') formats
+  std::string rounding = "stochastic";
+  std::optional<std::filesystem::path> data;
+  std::uint64_t seed = 1;
+  int threads = 0;
+  long eval_windows = 0;    // validation windows of the before/after evaluation (0: the whole split)
+  bool overwrite = false;
+  bool quiet = false;
+};
+
+// Trains the adapters, evaluates before and after, writes --out, and returns
+// summary.json's contents.
+nlohmann::json run_lrec(const LrecOptions& opt);
+
+}  // namespace intrain
