@@ -1,7 +1,5 @@
 #include "experiments/ablate.h"
 
-#include <fcntl.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,9 +16,8 @@
 #include <nlohmann/json.hpp>
 
 #include "analysis/ablation_report.h"
+#include "experiments/child_process.h"
 #include "experiments/run_lock.h"
-
-extern char** environ;
 
 namespace intrain {
 
@@ -111,51 +108,6 @@ std::vector<std::string> train_args(const TrainOptions& t, const AblationCell& c
   if (t.data) a.insert(a.end(), {"--data", fs::absolute(*t.data).string()});
   a.push_back(resume ? "--resume" : "--overwrite");
   return a;
-}
-
-fs::path self_exe() {
-  std::error_code ec;
-  fs::path p = fs::read_symlink("/proc/self/exe", ec);
-  if (ec) throw std::runtime_error("ablate: cannot find this program's path (/proc/self/exe): " + ec.message());
-  return p;
-}
-
-// Starts `exe args...` with stdout and stderr appended to `log`.
-pid_t spawn(const fs::path& exe, const std::vector<std::string>& args, const fs::path& log) {
-  std::vector<std::string> argv_s = {exe.string()};
-  argv_s.insert(argv_s.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (std::string& s : argv_s) argv.push_back(s.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
-  pid_t pid = 0;
-  const int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) throw std::runtime_error("ablate: cannot start " + exe.string() + ": " + std::strerror(rc));
-  return pid;
-}
-
-// The last non-empty line of a log: the error message of a failed cell.
-std::string last_line(const fs::path& log) {
-  std::ifstream in(log);
-  std::string line, last;
-  while (std::getline(in, line)) {
-    if (line.find_first_not_of(" \r\t") != std::string::npos) last = line;
-  }
-  return last;
-}
-
-void write_text_atomically(const fs::path& p, const std::string& text) {
-  const fs::path tmp = p.string() + ".tmp";
-  {
-    std::ofstream out(tmp);
-    out << text;
-    if (!out) throw std::runtime_error(tmp.string() + ": cannot write");
-  }
-  fs::rename(tmp, p);
 }
 
 // Pins the sweep's training settings in DIR/sweep.json, or checks them

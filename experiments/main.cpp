@@ -11,6 +11,7 @@
 #include "experiments/evaluate.h"
 #include "experiments/lrec.h"
 #include "experiments/quantize.h"
+#include "experiments/reproduce.h"
 #include "experiments/selfcheck.h"
 #include "experiments/train.h"
 
@@ -187,6 +188,40 @@ int main(int argc, char** argv) {
   lrec->add_flag("--overwrite", lr.overwrite, "Replace an LREC run already in --out");
   lrec->add_flag("--quiet", lr.quiet, "No progress line");
 
+  intrain::ReproduceOptions rp;
+  std::string rp_teacher, rp_data;
+  bool rp_quick = false;
+  auto* reproduce = app.add_subcommand("reproduce", "Reproduce a paper's table");
+  reproduce->require_subcommand(1);
+  auto* int21 = reproduce->add_subcommand("int21", "INT2.1: quantize at 2-8 bits, correct with LREC, report (docs/int21.md)");
+  int21->add_option("--out", rp.out, "Output folder (stages, int21.json, int21.md, int21.png)");
+  int21->add_flag("--quick", rp_quick, "A small teacher and short runs (under 3 minutes on 2 cores); explicit flags override it");
+  int21->add_option("--teacher", rp_teacher, "Reuse this float model.safetensors instead of training a teacher");
+  int21->add_option("--data", rp_data, "Text file (default: the KJV)");
+  int21->add_option("--layers", rp.layers, "Teacher blocks (when trained here)")->check(CLI::Range(1, 64));
+  int21->add_option("--d-model", rp.d_model, "Teacher width")->check(CLI::Range(8, 4096));
+  int21->add_option("--heads", rp.heads, "Teacher heads")->check(CLI::Range(1, 256));
+  int21->add_option("--context", rp.context, "Teacher context")->check(CLI::Range(2, 4096));
+  int21->add_option("--teacher-steps", rp.teacher_steps, "Teacher training steps")->check(CLI::Range(1L, 100000000L));
+  int21->add_option("--methods", rp.methods, "Quantizers, comma separated: rtn, gptq")->delimiter(',');
+  int21->add_option("--bits", rp.bits, "Bit widths, comma separated (2..8)")->delimiter(',');
+  int21->add_option("--group", rp.group, "Quantization group size")->check(CLI::Range(8, 4096));
+  int21->add_option("--calib-tokens", rp.calib_tokens, "GPTQ calibration tokens")->check(CLI::Range(1L, 100000000L));
+  int21->add_option("--rank", rp.rank, "LoRA rank of the main table")->check(CLI::Range(1, 4096));
+  int21->add_option("--alpha", rp.alpha, "LoRA alpha at --rank (default 4 x rank; the sweep keeps alpha / rank)")
+      ->check(CLI::PositiveNumber);
+  int21->add_option("--sweep-ranks", rp.sweep_ranks, "Ranks of the INT2 rank sweep, comma separated")->delimiter(',');
+  int21->add_option("--lrec-steps", rp.lrec_steps, "LREC steps per run")->check(CLI::Range(1L, 100000000L));
+  int21->add_option("--batch", rp.batch, "Sequences per step (teacher, LREC, memory runs)")->check(CLI::Range(1, 4096));
+  int21->add_option("--lr", rp.lr, "LREC learning rate")->check(CLI::PositiveNumber);
+  int21->add_option("--ce-weight", rp.ce_weight, "LREC cross-entropy weight (per token)")->check(CLI::NonNegativeNumber);
+  int21->add_option("--format", rp.format, "Formats of the LREC student and adapters (int8, fp32, ...)");
+  int21->add_option("--eval-windows", rp.eval_windows, "Validation windows per evaluation (0: all)")->check(CLI::NonNegativeNumber);
+  int21->add_option("--jobs", rp.jobs, "Stages run side by side")->check(CLI::Range(1, 256));
+  int21->add_option("--threads", rp.threads, "OpenMP threads per stage (0: 1 with --jobs > 1, else all)")->check(CLI::NonNegativeNumber);
+  int21->add_option("--seed", rp.seed, "Seed of every stage");
+  int21->add_flag("!--no-plots", rp.plots, "Do not run the plotting script");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*selfcheck) return intrain::run_selfcheck(sc);
@@ -240,6 +275,30 @@ int main(int argc, char** argv) {
       if (!lrec_data.empty()) lr.data = lrec_data;
       std::cout << intrain::run_lrec(lr).dump(2) << std::endl;
       return 0;
+    }
+    if (*reproduce) {
+      if (rp_quick) {
+        intrain::ReproduceOptions q = rp;
+        intrain::apply_quick(q);
+        auto keep = [&](const char* flag, auto& dst, const auto& src) {
+          if (int21->count(flag) == 0) dst = src;
+        };
+        keep("--layers", rp.layers, q.layers);
+        keep("--d-model", rp.d_model, q.d_model);
+        keep("--heads", rp.heads, q.heads);
+        keep("--context", rp.context, q.context);
+        keep("--teacher-steps", rp.teacher_steps, q.teacher_steps);
+        keep("--group", rp.group, q.group);
+        keep("--calib-tokens", rp.calib_tokens, q.calib_tokens);
+        keep("--sweep-ranks", rp.sweep_ranks, q.sweep_ranks);
+        keep("--lrec-steps", rp.lrec_steps, q.lrec_steps);
+        keep("--eval-windows", rp.eval_windows, q.eval_windows);
+        keep("--jobs", rp.jobs, q.jobs);
+        rp.memory_steps = q.memory_steps;
+      }
+      if (!rp_teacher.empty()) rp.teacher = rp_teacher;
+      if (!rp_data.empty()) rp.data = rp_data;
+      return intrain::run_reproduce_int21(rp) == 0 ? 0 : 2;
     }
     if (*sample) {
       std::cout << intrain::run_sample(sa) << std::endl;

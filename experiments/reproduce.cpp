@@ -1,0 +1,338 @@
+#include "experiments/reproduce.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+#include "experiments/child_process.h"
+#include "experiments/run_lock.h"
+#include "experiments/train.h"
+
+namespace intrain {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+void apply_quick(ReproduceOptions& o) {
+  // A 2-block, d = 64 byte model: trained, quantized 8 ways and corrected 12
+  // times within the 3-minute budget of the README's main job.
+  o.layers = 2;
+  o.d_model = 64;
+  o.heads = 2;
+  o.context = 64;
+  o.teacher_steps = 400;
+  o.group = 32;
+  o.calib_tokens = 8192;
+  o.sweep_ranks = {1, 4, 16};
+  o.lrec_steps = 120;
+  o.eval_windows = 256;
+  o.memory_steps = 5;
+  o.jobs = 2;
+}
+
+namespace {
+
+std::string s(double v) {
+  std::ostringstream o;
+  o.precision(10);
+  o << v;
+  return o.str();
+}
+
+json read_json(const fs::path& p) {
+  std::ifstream in(p);
+  if (!in) return json();
+  try {
+    return json::parse(in);
+  } catch (const json::exception&) {
+    return json();
+  }
+}
+
+std::string quantized_name(const std::string& method, int bits) { return method + "-int" + std::to_string(bits); }
+std::string lrec_name(const std::string& method, int bits, int rank) {
+  return quantized_name(method, bits) + "-r" + std::to_string(rank);
+}
+
+// Flags every child shares.
+std::vector<std::string> common(const ReproduceOptions& o, int threads) {
+  std::vector<std::string> a = {"--threads", std::to_string(threads)};
+  if (o.data) a.insert(a.end(), {"--data", fs::absolute(*o.data).string()});
+  return a;
+}
+
+std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// The settings a second run into the same DIR must share (stages would not be comparable otherwise).
+json pinned_settings(const ReproduceOptions& o, const fs::path& teacher) {
+  return {{"teacher", teacher.string()}, {"group", o.group},         {"calib_tokens", o.calib_tokens},
+          {"lrec_steps", o.lrec_steps},  {"batch", o.batch},         {"lr", o.lr},
+          {"ce_weight", o.ce_weight},    {"format", o.format},       {"eval_windows", o.eval_windows},
+          {"alpha_per_rank", o.alpha > 0.0 ? o.alpha / o.rank : 4.0}, {"seed", o.seed},
+          {"data", o.data ? o.data->string() : "kjv"}};
+}
+
+void pin(const fs::path& dir, const json& settings) {
+  const fs::path p = dir / "reproduce.json";
+  if (fs::exists(p)) {
+    const json old = read_json(p);
+    for (const auto& [k, v] : settings.items()) {
+      if (!old.contains(k) || old[k] != v) {
+        throw std::runtime_error(dir.string() + " holds a reproduction with " + k + " = " +
+                                 (old.contains(k) ? old[k].dump() : "(unset)") + ", not " + v.dump() +
+                                 "; use the same settings to resume it, or choose another --out");
+      }
+    }
+    return;
+  }
+  write_text_atomically(p, settings.dump(2) + "\n");
+}
+
+double log_gap_recovered(double ppl_q, double ppl_lrec, double ppl_f) {
+  const double gap = std::log(ppl_q) - std::log(ppl_f);
+  return gap > 0 ? (std::log(ppl_q) - std::log(ppl_lrec)) / gap : NAN;
+}
+
+json row_from(const json& lrec, const std::string& method, int bits, int rank) {
+  const json& b = lrec["before"];
+  const json& a = lrec["after"];
+  json r = {{"bits", bits},
+            {"method", method},
+            {"rank", rank},
+            {"ppl_float", b["teacher_perplexity"]},
+            {"ppl_quantized", b["perplexity"]},
+            {"ppl_lrec", a["perplexity"]},
+            {"kl_quantized", b["kl_mean"]},
+            {"kl_lrec", a["kl_mean"]},
+            {"top1_quantized", b["top1"]},
+            {"top1_lrec", a["top1"]},
+            {"effective_bits", lrec["bits"]["effective_bits"]},
+            {"packed_bits", lrec["bits"]["packed_bits_per_weight"]},
+            {"peak_rss_mib", lrec["memory"]["peak_rss_mib"]},
+            {"lrec_seconds", lrec["wall_s"]}};
+  r["log_ppl_gap_recovered"] = log_gap_recovered(b["perplexity"], a["perplexity"], b["teacher_perplexity"]);
+  const double kq = b["kl_mean"], kl = a["kl_mean"];
+  r["kl_reduction"] = kq > 0 ? 1.0 - kl / kq : NAN;
+  return r;
+}
+
+std::string fmt(const json& v, int prec = 3) {
+  if (!v.is_number()) return "–";
+  const double d = v.get<double>();
+  if (std::isnan(d)) return "–";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.*f", prec, d);
+  return buf;
+}
+
+std::string markdown(const json& report) {
+  std::ostringstream m;
+  m << "# INT2.1 on CPU: quantized weights and LREC correctors\n\n";
+  const json& c = report["config"];
+  m << "Teacher `" << c["teacher"].get<std::string>() << "` (validation perplexity " << fmt(report["ppl_float"]) << "). "
+    << "Group " << c["group"] << ", LREC " << c["lrec_steps"] << " steps at batch " << c["batch"] << ", rank "
+    << c["rank"] << ", adapters in " << c["format"].get<std::string>() << ". Evaluation: "
+    << (c["eval_windows"].get<long>() == 0 ? std::string("the whole validation split") : c["eval_windows"].dump() + " validation windows")
+    << "; KL(teacher‖model) per token in nats; the quantized and corrected models run in the integer engine.\n\n";
+  m << "| bits | method | ppl quantized | ppl LREC | ppl float | log-ppl gap recovered | KL quantized | KL LREC | KL reduction | top-1 quantized | top-1 LREC | effective bits | peak RSS MiB |\n";
+  m << "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  for (const json& r : report["rows"]) {
+    m << "| " << r["bits"] << " | " << r["method"].get<std::string>() << " | " << fmt(r["ppl_quantized"]) << " | "
+      << fmt(r["ppl_lrec"]) << " | " << fmt(r["ppl_float"]) << " | " << fmt(r["log_ppl_gap_recovered"], 2) << " | "
+      << fmt(r["kl_quantized"], 4) << " | " << fmt(r["kl_lrec"], 4) << " | " << fmt(r["kl_reduction"], 2) << " | "
+      << fmt(r["top1_quantized"]) << " | " << fmt(r["top1_lrec"]) << " | " << fmt(r["effective_bits"]) << " | "
+      << fmt(r["peak_rss_mib"], 0) << " |\n";
+  }
+  if (!report["rank_sweep"].empty()) {
+    m << "\n## Rank sweep at INT2 (" << report["rank_sweep"][0]["method"].get<std::string>() << ")\n\n";
+    m << "| rank | effective bits | ppl LREC | log-ppl gap recovered | KL LREC | KL reduction | top-1 LREC |\n|---|---|---|---|---|---|---|\n";
+    for (const json& r : report["rank_sweep"]) {
+      m << "| " << r["rank"] << " | " << fmt(r["effective_bits"]) << " | " << fmt(r["ppl_lrec"]) << " | "
+        << fmt(r["log_ppl_gap_recovered"], 2) << " | " << fmt(r["kl_lrec"], 4) << " | " << fmt(r["kl_reduction"], 2)
+        << " | " << fmt(r["top1_lrec"]) << " |\n";
+    }
+  }
+  if (report.contains("memory")) {
+    const json& mem = report["memory"];
+    m << "\n## Memory: the same model and batch, " << c["memory_steps"] << " steps each\n\n";
+    m << "| run | peak RSS MiB |\n|---|---|\n";
+    for (const char* k : {"fp32_full_finetune", "fp32_lora", "int_lrec"}) m << "| " << k << " | " << fmt(mem[k], 1) << " |\n";
+    m << "\nLREC / fp32 full fine-tuning: **" << fmt(mem["ratio_lrec_to_full"], 3) << "**; fp32 LoRA / fp32 full: "
+      << fmt(mem["ratio_fp32_lora_to_full"], 3) << ". Peak RSS of the integer LREC process before its first step (libraries, corpus, "
+      << "both models, one evaluation): " << fmt(mem["int_lrec_peak_before_training_mib"], 1)
+      << " MiB. Analytic breakdown of the integer LREC run (MiB):";
+    for (const auto& [k, v] : mem["int_lrec_breakdown"].items()) m << " " << k << " " << fmt(v, 3) << ";";
+    m << "\n";
+  }
+  if (!report["failed"].empty()) {
+    m << "\n## Failed stages\n\n";
+    for (const json& f : report["failed"]) m << "- " << f["name"].get<std::string>() << ": " << f["message"].get<std::string>() << "\n";
+  }
+  return m.str();
+}
+
+}  // namespace
+
+int run_reproduce_int21(const ReproduceOptions& o) {
+  if (o.methods.empty() || o.bits.empty()) throw std::invalid_argument("--methods and --bits must not be empty");
+  for (const std::string& m : o.methods)
+    if (m != "rtn" && m != "gptq") throw std::invalid_argument("--methods: '" + m + "' is not one of rtn, gptq");
+  for (int b : o.bits)
+    if (b < 2 || b > 8) throw std::invalid_argument("--bits: " + std::to_string(b) + " is outside 2..8");
+  if (o.teacher && !fs::exists(*o.teacher)) throw std::invalid_argument("--teacher " + o.teacher->string() + " does not exist");
+  const RunLock lock(o.out, "intrain reproduce");
+  const int threads = o.threads > 0 ? o.threads : (o.jobs > 1 ? 1 : 0);
+  const fs::path teacher = o.teacher ? fs::absolute(*o.teacher) : fs::absolute(o.out / "teacher" / "model.safetensors");
+  pin(o.out, pinned_settings(o, teacher));
+  std::vector<ChildFailure> failed;
+  auto run = [&](const std::vector<ChildJob>& jobs) {
+    const auto f = run_child_jobs(jobs, o.jobs, "reproduce");
+    failed.insert(failed.end(), f.begin(), f.end());
+    return f.empty();
+  };
+
+  // 1. The teacher.
+  if (!o.teacher) {
+    const fs::path d = o.out / "teacher";
+    run({{"teacher",
+          plus({"train", "--format", "fp32", "--layers", std::to_string(o.layers), "--d-model", std::to_string(o.d_model),
+                "--heads", std::to_string(o.heads), "--context", std::to_string(o.context), "--batch", std::to_string(o.batch),
+                "--steps", std::to_string(o.teacher_steps), "--lr", s(o.teacher_lr), "--warmup",
+                std::to_string(std::min<long>(100, o.teacher_steps / 10)), "--eval-every", "0", "--final-eval-windows",
+                std::to_string(o.eval_windows), "--seed", std::to_string(o.seed), "--quiet", "--out", d.string(),
+                fs::exists(d / "train_state.safetensors") ? "--resume" : "--overwrite"},
+               common(o, o.jobs > 1 ? 0 : threads)),
+          d / "summary.json", o.out / "logs" / "teacher.log"}});
+  }
+  if (!fs::exists(teacher)) {
+    throw std::runtime_error("reproduce: no teacher at " + teacher.string() + " (see " + (o.out / "logs" / "teacher.log").string() + ")");
+  }
+
+  // 2. Quantized models.
+  std::vector<ChildJob> jobs;
+  for (const std::string& m : o.methods) {
+    for (int b : o.bits) {
+      const fs::path q = o.out / "quantized" / (quantized_name(m, b) + ".safetensors");
+      fs::create_directories(q.parent_path());
+      jobs.push_back({"quantize " + quantized_name(m, b),
+                      plus({"quantize", "--model", teacher.string(), "--bits", std::to_string(b), "--group",
+                            std::to_string(o.group), "--method", m, "--calib-tokens", std::to_string(o.calib_tokens),
+                            "--seed", std::to_string(o.seed), "--out", q.string()},
+                           common(o, threads)),
+                      q.string() + ".json", o.out / "logs" / ("quantize-" + quantized_name(m, b) + ".log")});
+    }
+  }
+  run(jobs);
+
+  // 3. LREC runs, the rank sweep and the memory comparison.
+  const std::string sweep_method = std::find(o.methods.begin(), o.methods.end(), "gptq") != o.methods.end() ? "gptq" : o.methods[0];
+  const int sweep_bits = o.bits[0];
+  auto lrec_job = [&](const std::string& m, int b, int rank, const fs::path& dir, long steps, long eval_windows,
+                      const std::string& format) {
+    const double alpha = o.alpha > 0.0 ? o.alpha / o.rank * rank : 4.0 * rank;
+    return ChildJob{dir.filename().string(),
+                    plus({"lrec", "--teacher", teacher.string(), "--quantized",
+                          (o.out / "quantized" / (quantized_name(m, b) + ".safetensors")).string(), "--rank",
+                          std::to_string(rank), "--alpha", s(alpha), "--steps", std::to_string(steps), "--batch",
+                          std::to_string(o.batch), "--lr", s(o.lr), "--ce-weight", s(o.ce_weight), "--format", format,
+                          "--eval-windows", std::to_string(eval_windows), "--seed", std::to_string(o.seed), "--quiet",
+                          "--overwrite", "--out", dir.string()},
+                         common(o, threads)),
+                    dir / "summary.json", o.out / "logs" / ("lrec-" + dir.filename().string() + ".log")};
+  };
+  jobs.clear();
+  for (const std::string& m : o.methods)
+    for (int b : o.bits)
+      jobs.push_back(lrec_job(m, b, o.rank, o.out / "lrec" / lrec_name(m, b, o.rank), o.lrec_steps, o.eval_windows, o.format));
+  for (int r : o.sweep_ranks)
+    if (r != o.rank)
+      jobs.push_back(lrec_job(sweep_method, sweep_bits, r, o.out / "lrec" / lrec_name(sweep_method, sweep_bits, r),
+                              o.lrec_steps, o.eval_windows, o.format));
+  // Memory: the same steps and evaluation in three processes, one at a time
+  // below (peak RSS must not depend on what runs beside it; it does not, but
+  // time does, and these are short).
+  const fs::path mem = o.out / "memory";
+  jobs.push_back(lrec_job(sweep_method, sweep_bits, o.rank, mem / "int-lrec", o.memory_steps, 8, o.format));
+  jobs.push_back(lrec_job(sweep_method, sweep_bits, o.rank, mem / "fp32-lora", o.memory_steps, 8, "fp32"));
+  run(jobs);
+  const json tsum = read_json(fs::path(teacher).parent_path() / "summary.json");
+  if (!tsum.is_null() && tsum.contains("config")) {
+    const json& tc = tsum["config"];
+    run({{"fp32-full",
+          plus({"train", "--format", "fp32", "--layers", tc["layers"].dump(), "--d-model", tc["d_model"].dump(), "--heads",
+                tc["heads"].dump(), "--context", tc["context"].dump(), "--batch", std::to_string(o.batch), "--steps",
+                std::to_string(o.memory_steps), "--eval-every", "0", "--final-eval-windows", "8", "--checkpoint-every", "0",
+                "--quiet", "--overwrite", "--out", (mem / "fp32-full").string()},
+               common(o, threads)),
+          mem / "fp32-full" / "summary.json", o.out / "logs" / "memory-fp32-full.log"}});
+  }
+
+  // 4. The report.
+  json report;
+  report["config"] = pinned_settings(o, teacher);
+  report["config"]["rank"] = o.rank;
+  report["config"]["memory_steps"] = o.memory_steps;
+  report["config"]["methods"] = o.methods;
+  report["config"]["bits"] = o.bits;
+  report["teacher_summary"] = tsum;
+  report["rows"] = json::array();
+  report["rank_sweep"] = json::array();
+  for (const std::string& m : o.methods) {
+    for (int b : o.bits) {
+      const json l = read_json(o.out / "lrec" / lrec_name(m, b, o.rank) / "summary.json");
+      if (l.is_null()) continue;
+      json row = row_from(l, m, b, o.rank);
+      const json q = read_json(o.out / "quantized" / (quantized_name(m, b) + ".safetensors.json"));
+      if (!q.is_null()) row["quantize_seconds"] = q["seconds"];
+      report["ppl_float"] = row["ppl_float"];
+      report["rows"].push_back(row);
+    }
+  }
+  std::vector<int> ranks = o.sweep_ranks;
+  if (std::find(ranks.begin(), ranks.end(), o.rank) == ranks.end()) ranks.push_back(o.rank);
+  std::sort(ranks.begin(), ranks.end());
+  for (int r : ranks) {
+    const json l = read_json(o.out / "lrec" / lrec_name(sweep_method, sweep_bits, r) / "summary.json");
+    if (!l.is_null()) report["rank_sweep"].push_back(row_from(l, sweep_method, sweep_bits, r));
+  }
+  const json full = read_json(mem / "fp32-full" / "summary.json"), flora = read_json(mem / "fp32-lora" / "summary.json"),
+             ilrec = read_json(mem / "int-lrec" / "summary.json");
+  if (!full.is_null() && !flora.is_null() && !ilrec.is_null()) {
+    const double f = full["peak_rss_mib"], fl = flora["memory"]["peak_rss_mib"], il = ilrec["memory"]["peak_rss_mib"];
+    report["memory"] = {{"fp32_full_finetune", f},
+                        {"fp32_lora", fl},
+                        {"int_lrec", il},
+                        {"ratio_lrec_to_full", il / f},
+                        {"ratio_fp32_lora_to_full", fl / f},
+                        {"int_lrec_peak_before_training_mib", ilrec["memory"]["peak_rss_mib_before_training"]},
+                        {"int_lrec_breakdown", ilrec["memory"]}};
+    report["memory"]["int_lrec_breakdown"].erase("peak_rss_mib");
+    report["memory"]["int_lrec_breakdown"].erase("peak_rss_mib_before_training");
+  }
+  report["failed"] = json::array();
+  for (const ChildFailure& f : failed) report["failed"].push_back({{"name", f.name}, {"message", f.message}});
+  write_text_atomically(o.out / "int21.json", report.dump(2) + "\n");
+  const std::string md = markdown(report);
+  write_text_atomically(o.out / "int21.md", md);
+  std::printf("%s", md.c_str());
+  if (o.plots) {
+    const fs::path script = fs::path(INTRAIN_SOURCE_DIR) / "analysis" / "plot_int21.py";
+    const std::string cmd = "/usr/bin/python3 '" + script.string() + "' '" + o.out.string() + "'";
+    if (!fs::exists(script) || std::system(cmd.c_str()) != 0)
+      std::fprintf(stderr, "reproduce: plot skipped (needs python3-matplotlib); the report is complete without it\n");
+  }
+  std::fprintf(stderr, "reproduce: report in %s/int21.md and int21.json\n", o.out.c_str());
+  return static_cast<int>(failed.size());
+}
+
+}  // namespace intrain

@@ -1,0 +1,61 @@
+// `intrain reproduce int21`: the INT2.1 table on CPU (docs/int21.md).
+//
+// Stages, each an ordinary intrain subcommand run as a child process in DIR
+// (experiments/child_process.h), skipped when its output exists, so an
+// interrupted run resumes where it stopped:
+//   1. teacher/      `train --format fp32` (unless --teacher names one)
+//   2. quantized/    `quantize` per method and bit width
+//   3. lrec/         `lrec` per method and bit width at --rank, and the INT2
+//                    rank sweep (GPTQ, or the first method) at --sweep-ranks
+//   4. memory/       the same few steps of fp32 full fine-tuning (`train
+//                    --format fp32`), fp32 LoRA (`lrec --format fp32`) and
+//                    integer LREC, each in its own process for its peak RSS
+// then DIR/int21.json, DIR/int21.md and DIR/int21.png
+// (analysis/plot_int21.py).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace intrain {
+
+struct ReproduceOptions {
+  std::filesystem::path out = "runs/int21";
+  std::optional<std::filesystem::path> teacher;  // reuse a float model.safetensors instead of training one
+  std::optional<std::filesystem::path> data;
+  // The teacher (when trained here).
+  int layers = 6, d_model = 256, heads = 8, context = 128;
+  long teacher_steps = 3000;
+  double teacher_lr = 0.1;
+  // Quantization.
+  std::vector<std::string> methods{"rtn", "gptq"};
+  std::vector<int> bits{2, 3, 4, 8};
+  int group = 128;
+  long calib_tokens = 32768;
+  // LREC.
+  int rank = 2;
+  double alpha = 0.0;  // 0: 4 * rank
+  std::vector<int> sweep_ranks{1, 2, 4, 8, 16, 32};
+  long lrec_steps = 600;
+  int batch = 16;
+  double lr = 0.5;
+  double ce_weight = 0.06;
+  std::string format = "int8";
+  long eval_windows = 0;   // 0: the whole validation split
+  long memory_steps = 10;  // steps of each memory-comparison run
+  int jobs = 1;
+  int threads = 0;         // per child; 0: 1 when jobs > 1, else all
+  std::uint64_t seed = 1;
+  bool plots = true;
+};
+
+// The settings of --quick: a small teacher and short runs, under 3 minutes on 2 cores.
+void apply_quick(ReproduceOptions& o);
+
+// Runs the missing stages and writes the report. Returns the number of failed stages.
+int run_reproduce_int21(const ReproduceOptions& o);
+
+}  // namespace intrain
