@@ -16,7 +16,8 @@ struct Corpus;
 struct EvalOptions {
   std::filesystem::path model;
   std::optional<std::filesystem::path> data;  // default: the KJV's validation split
-  // A second model.safetensors (run in its own format) to compare against:
+  // A second model.safetensors to compare against, run in its own format (`format` is the
+  // model's only) with `rounding`:
   // adds the fidelity statistics of analysis/fidelity.h.
   std::optional<std::filesystem::path> teacher;
   std::string format;                         // empty: the checkpoint's own
