@@ -4,91 +4,66 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
+#include "analysis/fidelity.h"
 #include "core/rng.h"
 #include "experiments/checkpoint.h"
 #include "experiments/corpus.h"
 
 namespace intrain {
 
-namespace {
-
-// Log-probabilities of one row of logits, in double.
-void log_softmax_row(const Tensor& logits, std::int64_t r, std::int64_t V, std::vector<double>& out) {
-  double mx = -INFINITY;
-  for (std::int64_t j = 0; j < V; ++j) mx = std::max(mx, out[static_cast<std::size_t>(j)] = logits.value(r * V + j));
-  double z = 0.0;
-  for (std::int64_t j = 0; j < V; ++j) z += std::exp(out[static_cast<std::size_t>(j)] - mx);
-  const double lz = mx + std::log(z);
-  for (std::int64_t j = 0; j < V; ++j) out[static_cast<std::size_t>(j)] -= lz;
-}
-
-}  // namespace
-
 nlohmann::json evaluate_fidelity(GPT& model, GPT* teacher, const Corpus& corpus, int batch, long max_windows,
                                  std::uint64_t seed) {
-  const int T = model.config().n_ctx, B = std::max(1, batch);
-  const std::int64_t V = model.config().vocab_size;
-  if (teacher && (teacher->config().n_ctx != T || teacher->config().vocab_size != V)) {
-    throw std::invalid_argument("--teacher: its context or vocabulary differs from the model's");
+  const GPTConfig& mc = model.config();
+  const int T = mc.n_ctx, B = std::max(1, batch);
+  if (teacher) {
+    const GPTConfig& tc = teacher->config();
+    if (tc.vocab_size != mc.vocab_size)
+      throw std::runtime_error("--teacher: the teacher's vocabulary has " + std::to_string(tc.vocab_size) +
+                               " entries but the model's has " + std::to_string(mc.vocab_size) +
+                               "; compare models over the same vocabulary");
+    if (tc.n_ctx != mc.n_ctx)
+      throw std::runtime_error("--teacher: the teacher's context is " + std::to_string(tc.n_ctx) +
+                               " bytes but the model's is " + std::to_string(mc.n_ctx) +
+                               "; both must read the same windows: use a teacher of context " + std::to_string(mc.n_ctx));
   }
   ValWindows windows(corpus.val, T, max_windows);
   std::vector<std::int32_t> x(static_cast<std::size_t>(B) * T), y(x.size());
-  std::vector<double> lm(static_cast<std::size_t>(V)), lt(lm.size());
-  double nll = 0.0, nll_t = 0.0, kl = 0.0;
-  std::int64_t n = 0, top1 = 0, batch_index = 0;
+  FidelityAccumulator acc;
+  std::uint64_t batch_index = 0;
   while (int got = windows.next(B, x.data(), y.data())) {
-    const std::uint64_t step = (std::uint64_t{1} << 40) + static_cast<std::uint64_t>(batch_index++);
+    // Same rounding keys for both models: a model compared with itself gives identical logits.
+    const std::uint64_t step = (std::uint64_t{1} << 40) + batch_index++;
     model.forward(x.data(), nullptr, got, T, step, seed, false);
     if (teacher) teacher->forward(x.data(), nullptr, got, T, step, seed, false);
-    for (std::int64_t r = 0; r < static_cast<std::int64_t>(got) * T; ++r) {
-      log_softmax_row(model.logits(), r, V, lm);
-      nll -= lm[static_cast<std::size_t>(y[static_cast<std::size_t>(r)])];
-      if (teacher) {
-        log_softmax_row(teacher->logits(), r, V, lt);
-        nll_t -= lt[static_cast<std::size_t>(y[static_cast<std::size_t>(r)])];
-        double k = 0.0;
-        for (std::int64_t j = 0; j < V; ++j) k += std::exp(lt[static_cast<std::size_t>(j)]) * (lt[static_cast<std::size_t>(j)] - lm[static_cast<std::size_t>(j)]);
-        kl += k;
-        top1 += std::max_element(lm.begin(), lm.end()) - lm.begin() == std::max_element(lt.begin(), lt.end()) - lt.begin();
-      }
-      ++n;
-    }
+    acc.add(model.logits(), teacher ? &teacher->logits() : nullptr, y.data());
   }
-  if (n == 0) throw std::runtime_error("eval: the validation split holds no full window of " + std::to_string(T) + " bytes");
-  nlohmann::json j = {{"tokens", n}, {"nll", nll / n}, {"perplexity", std::exp(nll / n)}};
-  if (teacher) {
-    j["teacher_perplexity"] = std::exp(nll_t / n);
-    j["kl_mean"] = kl / n;
-    j["top1"] = static_cast<double>(top1) / n;
-  }
-  return j;
+  if (acc.tokens() == 0)
+    throw std::runtime_error("eval: the validation split holds no full window of " + std::to_string(T) + " bytes");
+  return acc.report();
 }
 
 nlohmann::json run_eval(const EvalOptions& o) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
-  GPT model = load_model(o.model, o.format, parse_rounding(o.rounding));
-  const int T = model.config().n_ctx, B = std::max(1, o.batch);
-  const Corpus corpus = Corpus::load(o.data, T + 1);
-  ValWindows windows(corpus.val, T, o.max_windows);
-  std::vector<std::int32_t> x(static_cast<std::size_t>(B) * T), y(x.size());
-  double sum = 0.0;
-  std::int64_t n = 0, batch_index = 0;
-  while (int got = windows.next(B, x.data(), y.data())) {
-    const double l = model.forward(x.data(), y.data(), got, T, (std::uint64_t{1} << 40) + batch_index++, o.seed, false);
-    sum += l * got * T;
-    n += static_cast<std::int64_t>(got) * T;
+  const Rounding rounding = parse_rounding(o.rounding);
+  GPT model = load_model(o.model, o.format, rounding);
+  std::optional<GPT> teacher;
+  if (o.teacher) teacher.emplace(load_model(*o.teacher, "", rounding));  // the teacher keeps its own format
+  const Corpus corpus = Corpus::load(o.data, model.config().n_ctx + 1);
+  nlohmann::json j = evaluate_fidelity(model, teacher ? &*teacher : nullptr, corpus, o.batch, o.max_windows, o.seed);
+  const double loss = j["nll"].get<double>();
+  j["loss"] = loss;
+  j["bits_per_byte"] = loss / std::log(2.0);
+  j["format"] = model.precision().name();
+  j["data"] = corpus.name;
+  if (teacher) {
+    j["teacher"] = o.teacher->string();
+    j["teacher_format"] = teacher->precision().name();
   }
-  if (n == 0) throw std::runtime_error("eval: the validation split holds no full window of " + std::to_string(T) + " bytes");
-  const double loss = sum / static_cast<double>(n);
-  return {{"loss", loss},
-          {"perplexity", std::exp(loss)},
-          {"bits_per_byte", loss / std::log(2.0)},
-          {"tokens", n},
-          {"format", model.precision().name()},
-          {"data", corpus.name}};
+  return j;
 }
 
 std::string run_sample(const SampleOptions& o) {

@@ -10,9 +10,16 @@
 
 namespace intrain {
 
+class GPT;
+struct Corpus;
+
 struct EvalOptions {
   std::filesystem::path model;
   std::optional<std::filesystem::path> data;  // default: the KJV's validation split
+  // A second model.safetensors to compare against, run in its own format (`format` is the
+  // model's only) with `rounding`:
+  // adds the fidelity statistics of analysis/fidelity.h.
+  std::optional<std::filesystem::path> teacher;
   std::string format;                         // empty: the checkpoint's own
   std::string rounding = "stochastic";
   int batch = 16;
@@ -21,17 +28,19 @@ struct EvalOptions {
   int threads = 0;
 };
 
-class GPT;
-struct Corpus;
-// Streams the validation windows of `corpus` through model (and teacher, if
-// given) and returns per-token statistics: "tokens", "nll", "perplexity";
-// with a teacher also "teacher_perplexity", "kl_mean" (KL(teacher || model),
-// nats per token) and "top1" (argmax agreement).
+// {"loss": nats per byte, "perplexity", "bits_per_byte", "tokens", "format", "data"} and the
+// fields of evaluate_fidelity() ("nll" equals "loss"); with a teacher also "teacher" (its path)
+// and "teacher_format". Throws std::runtime_error naming --teacher if the teacher's vocabulary
+// or context differs from the model's.
+nlohmann::json run_eval(const EvalOptions& opt);
+
+// Streams the validation windows of `corpus` through model (and teacher, if given) and returns FidelityAccumulator::report().
+// The windows are ValWindows(corpus.val, n_ctx, max_windows), `batch` at a time; both models see
+// the same windows with the same rounding keys (step 2^40 + batch index, `seed`). Throws
+// std::runtime_error if the teacher's vocab_size or n_ctx differs from the model's (naming
+// --teacher), or if the validation split holds no full window.
 nlohmann::json evaluate_fidelity(GPT& model, GPT* teacher, const Corpus& corpus, int batch, long max_windows,
                                  std::uint64_t seed);
-
-// {"loss": nats per byte, "perplexity", "bits_per_byte", "tokens", "format", "data"}
-nlohmann::json run_eval(const EvalOptions& opt);
 
 struct SampleOptions {
   std::filesystem::path model;

@@ -79,9 +79,12 @@ int main(int argc, char** argv) {
                     "Outliers for --outlier-tiling: rms:G (above G x rms, default rms:5), pct:P or top:K");
 
   intrain::EvalOptions ev;
-  std::string eval_data;
+  std::string eval_data, eval_teacher;
   auto* eval = app.add_subcommand("eval", "Validation loss of a checkpoint, as one JSON object");
   eval->add_option("--model", ev.model, "model.safetensors written by intrain")->required();
+  eval->add_option("--teacher", eval_teacher,
+                   "A reference model.safetensors (in its own format): adds KL, top-1/top-5 agreement and "
+                   "delta-p against it (docs/fidelity.md)");
   eval->add_option("--data", eval_data, "Text file whose validation split (last 10%) is evaluated");
   add_format_flags(eval, ev.format, ev.rounding);
   eval->add_option("--batch", ev.batch, "Windows per forward pass")->check(CLI::Range(1, 4096));
@@ -259,6 +262,7 @@ int main(int argc, char** argv) {
     }
     if (*eval) {
       if (!eval_data.empty()) ev.data = eval_data;
+      if (!eval_teacher.empty()) ev.teacher = eval_teacher;
       std::cout << intrain::run_eval(ev).dump() << std::endl;
       return 0;
     }
