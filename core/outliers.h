@@ -135,8 +135,9 @@ Tensor matmul_tiled(const TiledOperand& A, const TiledOperand& B, Trans ta = Tra
 
 namespace intrain {
 
-// Which matmul operands of the linear layers are split (--outlier-tiling),
-// and by which rule (--outlier-threshold). Roles: A, the layer inputs
+// Which matmul operands of the linear layers and of attention are split
+// (--outlier-tiling), and by which rule (--outlier-threshold). Attention:
+// role A splits q, k, v and P, role E splits dY and dS (layers/gpt.cpp). Roles: A, the layer inputs
 // (forward, and the weight gradient's left operand); E, the errors dY
 // (backward: dX and the weight gradient's right operand). The producers of
 // those operands then write 16 bits (the split's source); everything else
