@@ -546,13 +546,84 @@ void sparse_right(const Tensor& A, Trans ta, const OutlierSplit& S, Trans tb, co
   }
 }
 
+// The values of a plain tensor, or of a split's merge, as int32.
+std::vector<std::int32_t> values32(const TiledOperand& X) {
+  const Tensor v = X.is_split() ? X.split().merged() : X.dense();
+  std::vector<std::int32_t> out(static_cast<std::size_t>(v.numel()));
+  visit_int(v, [&](const auto* x) {
+    for (std::size_t i = 0; i < out.size(); ++i) out[i] = static_cast<std::int32_t>(x[i]);
+  });
+  return out;
+}
+
+// Batches of matrices (rank 3, attention's products: [BH, T, D] and
+// [BH, T, T]): C += 2^7·op(A_o)·op(B) + 2^7·op(A_b)·op(B_o), added outlier by
+// outlier, since tiles gathered per matrix would cost one oneDNN call per
+// matrix of the batch. An outlier of op(A) at (b, i, k) adds
+// 2^7·high·op(B)[b, k, :] (B merged if split) into row i of C[b]; an outlier
+// of op(B) at (b, k, j) adds 2^7·high·op(A_b)[b, :, k] into column j. Cost:
+// outliers of A times N plus outliers of B times M. Every term is an int8
+// times a value of at most 16 bits, shifted by 7: |term| < 2^29; sums are
+// modular in C's unsigned width, exact because the final value fits C.
+// Parallel over the batch (each matrix of C is written by one thread only).
+void sparse_batched(const TiledOperand& A, const TiledOperand& B, Trans ta, Trans tb, const MatmulDims& dm,
+                    Tensor& C) {
+  const std::int64_t ra = A.dense().rows(), ca = A.dense().cols(), rb = B.dense().rows(), cb = B.dense().cols();
+  const std::int64_t M = dm.M, N = dm.N;
+  const std::vector<std::int32_t> bv = A.is_split() ? values32(B) : std::vector<std::int32_t>{};
+  auto run = [&](auto* c) {
+    using U = std::remove_pointer_t<decltype(c)>;
+    auto add = [](U* m, std::int64_t at, std::int64_t v) { m[at] += static_cast<U>(static_cast<U>(v) << kOutlierShift); };
+    // The outliers of S in matrix b: the range [lo, hi) of its sorted index.
+    auto range = [](const OutlierSplit& S, std::int64_t b, std::int64_t per) {
+      const auto lo = std::lower_bound(S.index.begin(), S.index.end(), b * per);
+      const auto hi = std::lower_bound(lo, S.index.end(), (b + 1) * per);
+      return std::pair{static_cast<std::size_t>(lo - S.index.begin()), static_cast<std::size_t>(hi - S.index.begin())};
+    };
+    for_chunks(dm.batch, [&](std::int64_t, std::int64_t b0, std::int64_t b1) {
+      for (std::int64_t b = b0; b < b1; ++b) {
+        U* cm = c + b * M * N;
+        if (A.is_split()) {
+          const OutlierSplit& S = A.split();
+          const auto [lo, hi] = range(S, b, ra * ca);
+          const std::int32_t* bm = bv.data() + b * rb * cb;
+          for (std::size_t q = lo; q < hi; ++q) {
+            const std::int64_t f = S.index[q] - b * ra * ca, r = f / ca, col = f % ca;
+            const std::int64_t i = ta == Trans::N ? r : col, k = ta == Trans::N ? col : r;
+            const std::int64_t h = S.high[q];
+            for (std::int64_t j = 0; j < N; ++j) add(cm, i * N + j, h * (tb == Trans::N ? bm[k * cb + j] : bm[j * cb + k]));
+          }
+        }
+        if (B.is_split()) {
+          const OutlierSplit& S = B.split();
+          const auto [lo, hi] = range(S, b, rb * cb);
+          for (std::size_t q = lo; q < hi; ++q) {
+            const std::int64_t f = S.index[q] - b * rb * cb, r = f / cb, col = f % cb;
+            const std::int64_t k = tb == Trans::N ? r : col, j = tb == Trans::N ? col : r;
+            const std::int64_t h = S.high[q];
+            visit_int(A.dense(), [&](const auto* x) {  // the bulk of A if split
+              const auto* am = x + b * ra * ca;
+              for (std::int64_t i = 0; i < M; ++i) add(cm, i * N + j, h * (ta == Trans::N ? am[i * ca + k] : am[k * ca + i]));
+            });
+          }
+        }
+      }
+    }, 1);
+  };
+  if (C.dtype() == DType::I32) {
+    run(reinterpret_cast<std::uint32_t*>(C.data<std::int32_t>()));
+  } else {
+    run(reinterpret_cast<std::uint64_t*>(C.data<std::int64_t>()));
+  }
+}
+
 }  // namespace
 
 Tensor matmul_tiled(const TiledOperand& A, const TiledOperand& B, Trans ta, Trans tb) {
   const MatmulDims dims = matmul_dims(A.dense(), B.dense(), ta, tb);
-  if (A.dense().rank() != 2) {
-    throw std::invalid_argument("matmul_tiled: operands must be matrices (rank 2), got " + A.dense().describe() +
-                                " and " + B.dense().describe());
+  if (A.dense().rank() != B.dense().rank() || A.dense().rank() < 2 || A.dense().rank() > 3) {
+    throw std::invalid_argument("matmul_tiled: operands must both be matrices (rank 2) or batches of matrices "
+                                "(rank 3), got " + A.dense().describe() + " and " + B.dense().describe());
   }
   const Format rf = matmul_result_format(A.value_format(), B.value_format(), dims.K);
   const int exponent = A.exponent() + B.exponent();
@@ -560,10 +631,19 @@ Tensor matmul_tiled(const TiledOperand& A, const TiledOperand& B, Trans ta, Tran
   Tensor C = matmul(A.dense(), B.dense(), ta, tb);
   if (C.format() != rf) {
     Tensor wide(C.shape(), rf);
-    add_into(Dest{&wide}, C, 0);
+    visit_int(C, [&](const auto* x) {
+      visit_int(wide, [&](auto* w) {
+        using TW = std::remove_pointer_t<decltype(w)>;
+        for (std::int64_t i = 0; i < C.numel(); ++i) w[i] = static_cast<TW>(x[i]);
+      });
+    });
     C = std::move(wide);
   }
   C.set_exponent(exponent);
+  if (A.dense().rank() == 3) {
+    sparse_batched(A, B, ta, tb, dims, C);
+    return C;
+  }
   if (A.is_split()) sparse_left(A.split(), ta, B, tb, Dest{&C}, kOutlierShift);
   if (B.is_split()) sparse_right(A.dense(), ta, B.split(), tb, Dest{&C}, kOutlierShift);
   return C;

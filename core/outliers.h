@@ -112,7 +112,7 @@ class TiledOperand {
   const OutlierSplit* split_ = nullptr;
 };
 
-// C = op(A)·op(B) for rank-2 operands, exact: equal bit for bit to
+// C = op(A)·op(B) for rank-2 (or rank-3, batched) operands, exact: equal bit for bit to
 // matmul_reference() of the merged() operands. Result: exponent eA + eB,
 // format matmul_result_format(A.value_format(), B.value_format(), K).
 //
@@ -123,14 +123,21 @@ class TiledOperand {
 // product (through matmul(), so the K chunking and modular sums of
 // core/matmul.cpp apply), scatter-added with a shift of 7 (14 for
 // outlier × outlier) in the result's width.
+//
+// Rank-3 operands are batches of matrices (attention's products), with the
+// same contract: one batched int8 product of the bulks, then the outlier
+// terms added outlier by outlier (cost: outliers of A times N plus outliers
+// of B times M), since tiles gathered per matrix would cost one oneDNN call
+// per matrix.
 Tensor matmul_tiled(const TiledOperand& A, const TiledOperand& B, Trans ta = Trans::N, Trans tb = Trans::N);
 
 }  // namespace intrain
 
 namespace intrain {
 
-// Which matmul operands of the linear layers are split (--outlier-tiling),
-// and by which rule (--outlier-threshold). Roles: A, the layer inputs
+// Which matmul operands of the linear layers and of attention are split
+// (--outlier-tiling), and by which rule (--outlier-threshold). Attention:
+// role A splits q, k, v and P, role E splits dY and dS (layers/gpt.cpp). Roles: A, the layer inputs
 // (forward, and the weight gradient's left operand); E, the errors dY
 // (backward: dX and the weight gradient's right operand). The producers of
 // those operands then write 16 bits (the split's source); everything else

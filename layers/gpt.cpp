@@ -174,6 +174,19 @@ void GPT::refresh_values(std::uint64_t step, std::uint64_t seed) {
   }
 }
 
+namespace {
+
+// Attention's operands split for outlier tiling (role A); defined after
+// GPT::block_backward.
+struct AttentionSplits {
+  OutlierSplit q, k, v;
+};
+AttentionSplits split_attention(const Tensor& q, const Tensor& k, const Tensor& v, const OutlierPolicy& policy,
+                                RngKey key);
+OutlierSplit split_probabilities(const Tensor& P, const OutlierPolicy& policy, RngKey key);
+
+}  // namespace
+
 // ---------------------------------------------------------------------------
 // One block, forward then backward. Shapes: h [B*T, C]; heads [B*H, T, D].
 // Op ids for the rounding streams: 100 * (layer + 1) + a local number.
@@ -189,13 +202,27 @@ Tensor GPT::block_forward(Block& b, int layer, Tensor h) {
   // Attention: h += c_proj(attn(ln_1(h)))
   const Tensor a1 = layernorm_forward(h, b.ln1_g->value, b.ln1_b->value, A_in, key(id + 1), b.ln1);
   note(a1);
-  const Tensor qkv = b.c_attn->forward(a1, A, key(id + 2));
+  // q, k, v: the run's A format, or 16 bits when attention is tiled (split below).
+  const Tensor qkv = b.c_attn->forward(a1, A_in, key(id + 2));
   note(qkv);
-  split_heads(qkv, B_, T_, H, A, key(id + 3), b.q, b.k, b.v);
-  const Tensor S = matmul(b.q, b.k, Trans::N, Trans::T);  // [BH, T, T]
-  b.P = causal_softmax_forward(S, scale, A, key(id + 4));
-  note(b.P);
-  const Tensor Y = merge_heads(matmul(b.P, b.v), B_, T_, H, A_in, key(id + 5));  // [B*T, C]
+  Tensor PV;  // P·V, [BH, T, D]
+  if (prec_.tiling.a && !prec_.is_float()) {
+    // Tiled attention (role A): q, k, v and P are written at 16 bits and
+    // split. The 16-bit sources are saved; block_backward re-splits them
+    // with the same keys, which gives the same splits bit for bit.
+    split_heads(qkv, B_, T_, H, A_in, key(id + 3), b.q, b.k, b.v);
+    const AttentionSplits s = split_attention(b.q, b.k, b.v, prec_.tiling.policy, key(id + 3));
+    b.P = causal_softmax_forward(matmul_tiled(s.q, s.k, Trans::N, Trans::T), scale, A_in, key(id + 4));
+    note(b.P);
+    PV = matmul_tiled(split_probabilities(b.P, prec_.tiling.policy, key(id + 4)), s.v);
+  } else {
+    split_heads(qkv, B_, T_, H, A, key(id + 3), b.q, b.k, b.v);
+    const Tensor S = matmul(b.q, b.k, Trans::N, Trans::T);  // [BH, T, T]
+    b.P = causal_softmax_forward(S, scale, A, key(id + 4));
+    note(b.P);
+    PV = matmul(b.P, b.v);
+  }
+  const Tensor Y = merge_heads(PV, B_, T_, H, A_in, key(id + 5));  // [B*T, C]
   note(Y);
   const Tensor o = b.c_proj->forward(Y, residual(), key(id + 6));
   residual_add(h, o, key(id + 7));
@@ -237,14 +264,42 @@ Tensor GPT::block_backward(Block& b, int layer, Tensor dh) {
   // Attention.
   const Tensor dout = cast(dh, E_in, key(id + 5));
   note(dout);
-  const Tensor dY = split_heads_one(b.c_proj->backward(dout, key(id + 13)), B_, T_, H, E, key(id + 6));  // [BH, T, D]
-  note(dY);
-  const Tensor dP = matmul(dY, b.v, Trans::N, Trans::T);  // [BH, T, T]
-  const Tensor dV = matmul(b.P, dY, Trans::T, Trans::N);  // [BH, T, D]
-  const Tensor dS = causal_softmax_backward(dP, b.P, scale, E, key(id + 7));
-  note(dS);
-  const Tensor dQ = matmul(dS, b.k);                       // [BH, T, D]
-  const Tensor dK = matmul(dS, b.q, Trans::T, Trans::N);  // [BH, T, D]
+  Tensor dQ, dK, dV;
+  const bool ta = prec_.tiling.a && !prec_.is_float(), te = prec_.tiling.e && !prec_.is_float();
+  if (ta || te) {
+    // Tiled attention: the operands of the tiled roles are split (A: q, k,
+    // v and P, re-split from the saved 16-bit sources with the forward's
+    // keys; E: dY and dS, written at 16 bits). Softmax's backward sees P as
+    // the split holds it: the value the forward's P·V used.
+    const std::uint64_t fid = id - 50;  // block_forward's op ids
+    const OutlierPolicy& policy = prec_.tiling.policy;
+    const Format E_att = te ? E_in : E;
+    const Tensor dY = split_heads_one(b.c_proj->backward(dout, key(id + 13)), B_, T_, H, E_att, key(id + 6));
+    note(dY);
+    const AttentionSplits s = ta ? split_attention(b.q, b.k, b.v, policy, key(fid + 3)) : AttentionSplits{};
+    const OutlierSplit sP = ta ? split_probabilities(b.P, policy, key(fid + 4)) : OutlierSplit{};
+    const OutlierSplit sdY = te ? outlier_split(dY, policy, key(id + 6).derive(0xE1)) : OutlierSplit{};
+    auto op = [](bool tiled, const OutlierSplit& sp, const Tensor& t) { return tiled ? TiledOperand(sp) : TiledOperand(t); };
+    const TiledOperand q = op(ta, s.q, b.q), k = op(ta, s.k, b.k), v = op(ta, s.v, b.v), P = op(ta, sP, b.P);
+    const TiledOperand dy = op(te, sdY, dY);
+    const Tensor dP = matmul_tiled(dy, v, Trans::N, Trans::T);  // [BH, T, T]
+    dV = matmul_tiled(P, dy, Trans::T, Trans::N);               // [BH, T, D]
+    const Tensor dS = causal_softmax_backward(dP, ta ? sP.merged() : b.P, scale, E_att, key(id + 7));
+    note(dS);
+    const OutlierSplit sdS = te ? outlier_split(dS, policy, key(id + 7).derive(0xE2)) : OutlierSplit{};
+    const TiledOperand ds = op(te, sdS, dS);
+    dQ = matmul_tiled(ds, k);                       // [BH, T, D]
+    dK = matmul_tiled(ds, q, Trans::T, Trans::N);  // [BH, T, D]
+  } else {
+    const Tensor dY = split_heads_one(b.c_proj->backward(dout, key(id + 13)), B_, T_, H, E, key(id + 6));  // [BH, T, D]
+    note(dY);
+    const Tensor dP = matmul(dY, b.v, Trans::N, Trans::T);  // [BH, T, T]
+    dV = matmul(b.P, dY, Trans::T, Trans::N);               // [BH, T, D]
+    const Tensor dS = causal_softmax_backward(dP, b.P, scale, E, key(id + 7));
+    note(dS);
+    dQ = matmul(dS, b.k);                       // [BH, T, D]
+    dK = matmul(dS, b.q, Trans::T, Trans::N);  // [BH, T, D]
+  }
   const Tensor dqkv = merge_qkv(dQ, dK, dV, B_, T_, H, E_in, key(id + 8));
   note(dqkv);
   const Tensor da1 = b.c_attn->backward(dqkv, key(id + 14));
@@ -256,6 +311,22 @@ Tensor GPT::block_backward(Block& b, int layer, Tensor dh) {
   b.q = b.k = b.v = b.P = Tensor();
   return dh;
 }
+
+namespace {
+
+// The splits of q, k, v (saved in the block at 16 bits) and of P, each on its
+// own stream of `key` (the key of the op that wrote them), so forward and
+// backward make the same splits.
+AttentionSplits split_attention(const Tensor& q, const Tensor& k, const Tensor& v, const OutlierPolicy& policy,
+                                RngKey key) {
+  return {outlier_split(q, policy, key.derive(0xA1)), outlier_split(k, policy, key.derive(0xA2)),
+          outlier_split(v, policy, key.derive(0xA3))};
+}
+OutlierSplit split_probabilities(const Tensor& P, const OutlierPolicy& policy, RngKey key) {
+  return outlier_split(P, policy, key.derive(0xA4));
+}
+
+}  // namespace
 
 double GPT::forward(const std::int32_t* tokens, const std::int32_t* targets, std::int64_t B, std::int64_t T,
                     std::uint64_t step, std::uint64_t seed, bool train) {

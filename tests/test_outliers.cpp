@@ -355,6 +355,37 @@ TEST(MatmulTiled, Int32ResultAtTheEdgeUsesModularSums) {
   expect_tiled_exact(s, B, Trans::N, Trans::N);
 }
 
+// A 2-D source of `batch` stacked matrices, as a rank-3 batch.
+Tensor as_batch(const Tensor& x, std::int64_t batch) {
+  Tensor t({batch, x.rows() / batch, x.cols()}, x.format(), x.exponent());
+  std::memcpy(t.raw(), x.raw(), static_cast<std::size_t>(x.nbytes()));
+  return t;
+}
+
+TEST(MatmulTiled, BatchedEveryLayoutAndMix) {
+  // Rank-3 operands (attention's products), every transpose, split x plain,
+  // plain x split and split x split. Planted in one storage row (one matrix
+  // of the batch), one storage column (every matrix) or spread, and none.
+  // K = 12: split x split needs an int64 result (16383^2 · 12 > 2^31),
+  // split x int8 an int32 one.
+  const std::int64_t batch = 3, M = 20, K = 12, N = 16;
+  for (Trans ta : {Trans::N, Trans::T})
+    for (Trans tb : {Trans::N, Trans::T})
+      for (Plant p : {Plant::OneRow, Plant::OneCol, Plant::Spread, Plant::None}) {
+        const std::int64_t ar = ta == Trans::N ? M : K, ac = ta == Trans::N ? K : M;
+        const std::int64_t br = tb == Trans::N ? K : N, bc = tb == Trans::N ? N : K;
+        const Tensor a = as_batch(make_source(batch * ar, ac, p, 500 + static_cast<int>(p)).x, batch);
+        const Tensor b = as_batch(make_source(batch * br, bc, p, 600 + static_cast<int>(p)).x, batch);
+        const OutlierSplit sa = outlier_split(a, OutlierPolicy{}), sb = outlier_split(b, OutlierPolicy{});
+        const Tensor a8 = random_int({batch, ar, ac}, Format::fixed(8), 7, testing::Fill::Extremes, 2);
+        const Tensor b8 = random_int({batch, br, bc}, Format::fixed(8), 8, testing::Fill::Uniform, -3);
+        expect_tiled_exact(sa, b8, ta, tb);
+        expect_tiled_exact(a8, sb, ta, tb);
+        expect_tiled_exact(sa, sb, ta, tb);
+        expect_tiled_exact(sa, b, ta, tb);  // a plain 16-bit operand
+      }
+}
+
 TEST(MatmulTiled, WithinTheRoundingBoundOfTheSourceProduct) {
   // The tiled product of two splits against the exact product of the 16-bit
   // sources: each element of a split is within 2^(e-1) of its source (round
