@@ -62,6 +62,18 @@ std::string fmt(const char* f, double x) {
   return buf;
 }
 
+// The "bound held" column of one group.
+std::string bound_cell(const json& g) {
+  if (!g.contains("bound")) return "n/a";
+  const json& b = g["bound"];
+  const int ev = b["evaluated"].get<int>(), held = b["held"].get<int>(), vac = b["held_vacuous"].get<int>();
+  if (ev == 0) return b.value("not_evaluated", std::string("n/a"));
+  std::string s = (held == ev ? "yes " : "no ") + std::to_string(held) + "/" + std::to_string(ev);
+  if (vac > 0) s += vac == held ? " (vacuous)" : " (" + std::to_string(vac) + " vacuous)";
+  if (b.contains("not_evaluated")) s += "; others " + b["not_evaluated"].get<std::string>();
+  return s;
+}
+
 }  // namespace
 
 std::string ablation_group_name(int bits, const std::string& rounding, const std::string& tiling) {
@@ -89,6 +101,37 @@ CellResult load_cell(const fs::path& dir, int bits, const std::string& rounding,
     c.failure = read_json(dir / "failed.json").value("message", std::string("unknown failure"));
   } else {
     c.status = "missing";
+  }
+  if (c.status == "done") {
+    const json s = read_json(dir / "summary.json");
+    if (s.contains("probe")) {
+      const json& pr = s["probe"];
+      c.bound_status = pr.at("status").get<std::string>();
+      c.est_L = pr.at("constants").at("L").get<double>();
+      c.est_sigma2 = pr.at("constants").at("sigma2").get<double>();
+      if (c.bound_status == "evaluated") {
+        c.bound_held = pr.at("held").get<bool>();
+        c.bound_vacuous = pr.at("vacuous").get<bool>();
+        c.bound_final = pr.value("final_bound", json(nullptr)).is_number() ? pr["final_bound"].get<double>() : INFINITY;
+        c.bound_measured = pr.value("final_measured", json(nullptr)).is_number() ? pr["final_measured"].get<double>() : 0.0;
+      }
+    }
+  }
+  if (c.bound_status == "evaluated") {
+    // bound.csv has a row per step; keep about 100 of those with a measurement, and the last.
+    std::ifstream b(dir / "bound.csv");
+    std::string row;
+    std::vector<std::array<double, 3>> all;
+    std::getline(b, row);  // header: step,lr,bound,measured
+    while (std::getline(b, row)) {
+      const std::vector<std::string> f = split_csv(row);
+      if (f.size() != 4 || f[3].empty()) continue;
+      all.push_back({std::stod(f[0]), std::stod(f[2]), std::stod(f[3])});
+    }
+    const std::size_t stride = std::max<std::size_t>(1, all.size() / 100);
+    for (std::size_t i = 0; i < all.size(); ++i) {
+      if (i % stride == 0 || i + 1 == all.size()) c.bound_curve.push_back(all[i]);
+    }
   }
   std::ifstream m(dir / "metrics.csv");
   std::string line;
@@ -164,6 +207,17 @@ json ablation_report(const std::vector<CellResult>& cells, const json& settings)
       j["wall_s"] = c.wall_s;
     }
     j["saturated_fraction"] = c.saturated_fraction;
+    j["bound"] = {{"status", c.bound_status}};
+    if (c.bound_status != "n/a (no probe)") j["bound"]["L"] = c.est_L, j["bound"]["sigma2"] = c.est_sigma2;
+    if (c.bound_status == "evaluated") {
+      j["bound"]["held"] = c.bound_held;
+      j["bound"]["vacuous"] = c.bound_vacuous;
+      j["bound"]["final_bound"] = std::isfinite(c.bound_final) ? json(c.bound_final) : json(nullptr);
+      j["bound"]["final_measured"] = c.bound_measured;
+      json bc = json::array();
+      for (const auto& [step, b, m] : c.bound_curve) bc.push_back({step, std::isfinite(b) ? json(b) : json(nullptr), m});
+      j["bound"]["curve"] = bc;
+    }
     json curve = json::array();
     for (const auto& [step, v] : c.val_curve) curve.push_back({step, v});
     j["val_curve"] = curve;
@@ -174,10 +228,18 @@ json ablation_report(const std::vector<CellResult>& cells, const json& settings)
   auto add_group = [&](int bits, const std::string& rounding, const std::string& tiling,
                        const std::vector<CellResult>& g) {
     std::vector<double> val, sat, tps, rss;
-    int failed = 0, diverged = 0;
+    int failed = 0, diverged = 0, evaluated = 0, held = 0, vacuous = 0;
+    std::string not_evaluated;  // the reason of the first done cell without a bound
     for (const CellResult& c : g) {
       if (c.status == "failed") ++failed;
       if (c.status != "done") continue;
+      if (c.bound_status == "evaluated") {
+        ++evaluated;
+        held += c.bound_held;
+        vacuous += c.bound_held && c.bound_vacuous;
+      } else if (not_evaluated.empty()) {
+        not_evaluated = c.bound_status;
+      }
       diverged += c.final_val_loss > kUniformLoss;
       val.push_back(c.final_val_loss);
       sat.push_back(c.saturated_fraction);
@@ -196,6 +258,8 @@ json ablation_report(const std::vector<CellResult>& cells, const json& settings)
       j["seconds_per_step"] = tokens_per_step > 0 ? tokens_per_step / mean_of(tps) : 0.0;
       j["peak_rss_mib"] = mean_of(rss);
     }
+    j["bound"] = {{"evaluated", evaluated}, {"held", held}, {"held_vacuous", vacuous}};
+    if (!not_evaluated.empty()) j["bound"]["not_evaluated"] = not_evaluated;
     if (bits != 32) {
       const GapStatistics gap = paired_gap(g, baseline);
       j["gap"] = {{"n", gap.n}, {"mean", gap.mean}, {"sd", gap.sd}, {"relative_mean", gap.relative_mean}};
@@ -247,8 +311,8 @@ std::string ablation_markdown(const json& r) {
         "to fp32 at the same seed (same initialisation and batches): mean, and its 95% Student-t interval over "
         "seeds. Column meanings: docs/ablation.md.\n\n";
   md << "| format | seeds | val loss (mean ± sd) | gap to fp32 | 95% CI of gap | gap % | saturated | tokens/s | "
-        "peak MiB |\n";
-  md << "|---|---|---|---|---|---|---|---|---|\n";
+        "peak MiB | bound held |\n";
+  md << "|---|---|---|---|---|---|---|---|---|---|\n";
   for (const json& g : r.at("groups")) {
     md << "| " << g["name"].get<std::string>() << " | " << g["done"].get<int>() << "/" << g["seeds"].get<int>();
     if (g["failed"].get<int>() > 0) md << " (" << g["failed"].get<int>() << " failed)";
@@ -280,8 +344,12 @@ std::string ablation_markdown(const json& r) {
     } else {
       md << " | | ";
     }
-    md << " |\n";
+    md << " | " << bound_cell(g) << " |\n";
   }
+  md << "\n*bound held*: per seed, whether the measured weighted mean of the probes' squared gradient norms "
+        "stayed under the convergence bound at every step (yes k/n); *vacuous* when the bound is no better than "
+        "smoothness alone gives (>= 2 L (f(x0) - f_inf)); n/a where the bound does not apply (momentum, weight "
+        "decay) or the run was not probed. See docs/convergence.md §10.\n";
   md << "\nA cell *diverged* when its final loss exceeds ln 256 = 5.545 (worse than predicting every byte as "
         "equally likely); its loss still enters the mean.\n";
   md << "\n## Pareto front\n\nOver (mean validation loss, bits, seconds per step): a format is listed when no other "

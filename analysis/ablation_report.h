@@ -13,6 +13,7 @@
 //     three of (mean validation loss, bits, seconds per step).
 #pragma once
 
+#include <array>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -35,6 +36,14 @@ struct CellResult {
   double saturated_fraction = 0.0;  // mean over steps of metrics.csv's saturated_fraction
   double tokens_per_s = 0.0, peak_rss_mib = 0.0, wall_s = 0.0;
   std::vector<std::pair<long, double>> val_curve;  // (step, validation loss) at every evaluation
+  // The convergence bound of the run (summary.json "probe", bound.csv; analysis/trajectory_bound.h).
+  // bound_status: "evaluated", "n/a (momentum)", "n/a (weight decay)", "n/a (no probe)" (also when the
+  // run was not probed).
+  std::string bound_status = "n/a (no probe)";
+  bool bound_held = false, bound_vacuous = false;
+  double bound_final = 0.0, bound_measured = 0.0;  // at the last step (evaluated runs)
+  double est_L = 0.0, est_sigma2 = 0.0;           // the constants estimated from the run (probed runs)
+  std::vector<std::array<double, 3>> bound_curve;  // (step, bound, measured), at most ~100 points
 };
 
 // Reads DIR/cells/<name>/{summary.json, metrics.csv, failed.json}. A cell

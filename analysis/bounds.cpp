@@ -95,6 +95,8 @@ std::vector<BoundPoint> nc_recursion(const SgdBound& b, const std::vector<Tuning
     p.value = denom > 0 ? static_cast<double>(numer / denom) : kInf;
     p.noise = static_cast<double>(numer - pc.gap0);
     p.log10_transient = -log10_of(P);  // log10 (1 / P_K): how much gap-driven growth discounts the steps
+    // ln w_k = ln(lr c+) - ln P_{k+1}, with ln P = -log10_transient * ln 10.
+    p.log_weight = lr * c_best > 0.0 ? std::log(lr * c_best) + p.log10_transient * std::log(10.0) : -kInf;
   }
   return out;
 }

@@ -75,6 +75,9 @@ struct BoundPoint {
                                  // Non-convex: log10(1 / P_K), P_K the product of the growth factors.
   double noise = 0.0;            // PL: the accumulated floor part sum_j N_j prod_{i>j} rho_i;
                                  // non-convex: sum_k N_k / P_{k+1}
+  double log_weight = 0.0;       // non-convex: ln w_{step-1} = ln(lr c+ / P_step), the weight of
+                                 // E||grad f(x_{step-1})||^2 in the mean the bound is on (-inf if 0);
+                                 // a log because P can leave double's range. PL: unused (0).
 };
 
 enum class Arithmetic { Double, Multiprecision };

@@ -4,9 +4,13 @@
   /usr/bin/python3 analysis/plot_ablation.py DIR
 
 Writes DIR/curves.png (validation loss against step, one panel per bit width,
-mean over seeds per rounding mode, the fp32 baseline dashed; where the report
-carries a bound, it is drawn as a band over the fp32 curve) and DIR/gap.png
-(final gap to fp32 against bits, mean with its 95% interval, per rounding).
+mean over seeds per rounding mode, the fp32 baseline dashed; where cells carry
+an evaluated convergence bound, a second row of panels under the loss panels
+shows it as a band: from the measured weighted mean of ||g||^2 up to the bound
+on it, log scale, per rounding mode and for fp32) and DIR/gap.png (final gap
+to fp32 against bits, mean with its 95% interval, per rounding).
+The bound of a non-convex run is on the gradient norm, not the loss
+(docs/convergence.md §6): that is why its band has panels of its own.
 Plotting only: every number comes from ablation.json.
 """
 import json
@@ -34,6 +38,44 @@ def mean_curve(cells):
     return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
 
 
+def bound_curve(cells):
+    """Mean over seeds of (bound, measured) per step, over cells with an evaluated bound."""
+    by_step = {}
+    for c in cells:
+        for step, b, m in c.get("bound", {}).get("curve", []):
+            if b is not None:
+                by_step.setdefault(step, []).append((b, m))
+    steps = sorted(by_step)
+    return (steps, [sum(b for b, _ in by_step[s]) / len(by_step[s]) for s in steps],
+            [sum(m for _, m in by_step[s]) / len(by_step[s]) for s in steps])
+
+
+def draw_bound(ax, cells, b):
+    """The bound on the weighted mean of E||grad f||^2 as a band above the measured value."""
+    drawn = False
+    groups = [("fp32", "k", [c for c in cells if c["bits"] == 32])]
+    groups += [(f"int{b} {short}", color, [c for c in cells if c["bits"] == b and c["rounding"] == r])
+               for r, (color, short) in STYLE.items()]
+    for label, color, group in groups:
+        s, bound, meas = bound_curve(group)
+        if not s:
+            continue
+        drawn = True
+        ax.plot(s, meas, color=color, lw=1.2, ls="--" if label == "fp32" else "-", label=f"{label} measured")
+        ax.fill_between(s, meas, bound, color=color, alpha=0.12, label=f"{label} bound")
+        ax.plot(s, bound, color=color, lw=0.8, alpha=0.6)
+    statuses = sorted({c.get("bound", {}).get("status", "n/a") for c in cells
+                       if c["bits"] in (32, b) and c.get("status") == "done"} - {"evaluated"})
+    if statuses:
+        ax.text(0.02, 0.02, "not evaluated: " + ", ".join(statuses), transform=ax.transAxes, fontsize=7)
+    if drawn:
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    ax.set_title(f"{b} bits: bound on mean E||grad f||^2")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
 def main():
     if len(sys.argv) != 2:
         print(__doc__)
@@ -50,19 +92,23 @@ def main():
 
     cols = min(3, len(bits))
     rows = (len(bits) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharey=True, squeeze=False)
+    bounded = [c for c in cells if c.get("bound", {}).get("curve")]
+    # With bounds: each row of loss panels gets a row of bound panels under it.
+    fig, grid = plt.subplots(rows * (2 if bounded else 1), cols, figsize=(4.2 * cols, 3.2 * rows * (2 if bounded else 1)),
+                             squeeze=False)
+    axes = grid[0::2] if bounded else grid
+    baxes = grid[1::2] if bounded else None
     fs, fv = mean_curve(fp32)
     # The y range follows the fp32 baseline; a diverged cell leaves the top of
     # the panel rather than squashing every other curve.
     ymax = max(fv) * 1.05 if fv else 6.0
     lows = [v for c in cells for _, v in c["val_curve"] if v < ymax]
     ymin = min(lows) * 0.97 if lows else 0.0
-    for ax, b in zip(axes.flat, bits):
+    for i, (ax, b) in enumerate(zip(axes.flat, bits)):
         if fv:
             ax.plot(fs, fv, "k--", lw=1.2, label="fp32")
-            bound = rep.get("bound_band")
-            if bound:
-                ax.fill_between(fs, fv, [v + bound for v in fv], color="0.8", alpha=0.6, label="bound")
+        if bounded:
+            draw_bound(baxes.flat[i], cells, b)
         for r, (color, short) in STYLE.items():
             group = [c for c in cells if c["bits"] == b and c["rounding"] == r]
             s, v = mean_curve(group)
@@ -75,7 +121,12 @@ def main():
         ax.legend(fontsize=7)
     for ax in axes.flat[len(bits):]:
         ax.axis("off")
+    if bounded:
+        for ax in baxes.flat[len(bits):]:
+            ax.axis("off")
     axes[0][0].set_ylabel("validation loss (nats/byte)")
+    if bounded:
+        baxes[0][0].set_ylabel("weighted mean of ||g||^2")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=120)
 

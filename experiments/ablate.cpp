@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
 #include <cstdlib>
@@ -106,6 +107,11 @@ std::vector<std::string> train_args(const TrainOptions& t, const AblationCell& c
     a.insert(a.end(), {"--outlier-tiling", roles, "--outlier-threshold", t.outlier_threshold});
   }
   if (t.data) a.insert(a.end(), {"--data", fs::absolute(*t.data).string()});
+  const long probe = t.probe_every < 0 ? std::max(1L, t.steps / 40) : t.probe_every;
+  if (probe > 0) {
+    a.insert(a.end(), {"--probe-every", std::to_string(probe), "--probe-micro-batches",
+                       std::to_string(t.probe_micro_batches)});
+  }
   a.push_back(resume ? "--resume" : "--overwrite");
   return a;
 }

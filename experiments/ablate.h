@@ -29,7 +29,14 @@ struct AblateOptions {
   // split, "a", "e" or "ae". Each entry is a grid dimension of its own.
   std::vector<std::string> tilings{"none"};
   int seeds = 3;               // seeds 1..seeds
-  TrainOptions train;          // model, schedule and data of every cell (format, seed, out are per cell)
+  // Model, schedule and data of every cell (format, seed, out are per cell).
+  // Cells probe the bound's constants by default: probe_every -1 means
+  // max(1, steps / 40), 0 turns it off (experiments/trajectory_probe.h).
+  TrainOptions train = [] {
+    TrainOptions t;
+    t.probe_every = -1;
+    return t;
+  }();
   std::filesystem::path out = "runs/ablate";
   int jobs = 1;                // cells run side by side
   bool retry_failed = false;

@@ -2,11 +2,13 @@
 
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <stdexcept>
 #include <vector>
 
 #include "analysis/bounds.h"
+#include "analysis/trajectory_bound.h"
 #include "core/precision.h"
 #include "layers/gpt.h"
 #include "layers/param.h"
@@ -20,21 +22,52 @@ void require(bool ok, const std::string& flag, const std::string& what) {
   if (!ok) throw std::invalid_argument(flag + ": " + what);
 }
 
-// The lr the integer optimizer applies: a 24-significant-bit multiplier (optim/sgd.cpp).
-double applied_lr(double lr, bool is_float) {
-  if (lr <= 0.0) return 0.0;
-  if (is_float) return static_cast<float>(lr);
-  const int k = 23 - std::ilogb(lr);
-  return std::ldexp(static_cast<double>(std::llround(std::ldexp(lr, k))), -k);
-}
-
 }  // namespace
+
+void load_run_constants(BoundOptions& o, const std::filesystem::path& dir, const std::function<bool(const char*)>& given) {
+  const std::filesystem::path sp = dir / "summary.json";
+  std::ifstream in(sp);
+  if (!in) throw std::invalid_argument("--from-run: " + sp.string() + " does not exist; give a finished `intrain train` run");
+  nlohmann::json s;
+  try {
+    s = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw std::invalid_argument("--from-run: " + sp.string() + " is not valid JSON (" + e.what() + ")");
+  }
+  if (!s.contains("probe")) {
+    throw std::invalid_argument("--from-run: " + dir.string() +
+                                " was trained without --probe-every, so it has no estimated constants; rerun it with "
+                                "--probe-every N, or give --L and --sigma2");
+  }
+  const nlohmann::json& c = s["probe"].at("constants");
+  if (!given("--L")) o.L = c.at("L").get<double>();
+  if (!given("--sigma2")) o.sigma2 = c.at("sigma2").get<double>();
+  if (!given("--gap") && c.at("gap0").get<double>() > 0.0) o.gap = c.at("gap0").get<double>();
+  if (!given("--grad-max")) o.grad_max = c.at("grad_max").get<double>();
+  if (!given("--weight-max")) o.weight_max = c.at("master_max").get<double>();
+  if (!given("--params")) o.params = s.at("parameters").get<long>();
+  if (!given("--format")) {
+    // summary.json holds Precision::name(), e.g. "w8a8e8g8-sr": the rounding is its suffix.
+    std::string f = s.at("format").get<std::string>();
+    if (f.size() > 3 && (f.ends_with("-sr") || f.ends_with("-rn"))) {
+      if (!given("--rounding")) o.rounding = f.ends_with("-sr") ? "stochastic" : "nearest";
+      f.resize(f.size() - 3);
+    }
+    o.format = f;
+  }
+  const nlohmann::json& cfg = s.at("config");
+  if (!given("--lr")) o.lr = cfg.at("lr").get<double>();
+  if (!given("--warmup")) o.warmup = cfg.at("warmup").get<long>();
+  if (!given("--steps")) o.steps = s.at("steps").get<long>();
+}
 
 nlohmann::json run_bound(const BoundOptions& o) {
   require(o.L > 0.0 && std::isfinite(o.L), "--L",
-          "the smoothness constant is required and must be > 0; estimate it on a probe run (docs/convergence.md §8)");
+          "the smoothness constant is required (or --from-run DIR) and must be > 0; estimate it with "
+          "`intrain train --probe-every N` (docs/convergence.md §8)");
   require(o.sigma2 >= 0.0 && std::isfinite(o.sigma2), "--sigma2",
-          "the minibatch gradient variance is required and must be >= 0; estimate it on a probe run");
+          "the minibatch gradient variance is required (or --from-run DIR) and must be >= 0; estimate it with "
+          "`intrain train --probe-every N`");
   require(o.mu >= 0.0 && o.mu <= o.L, "--mu", "must lie in [0, L]");
   require(o.gap >= 0.0 && std::isfinite(o.gap), "--gap", "f(x0) - f_inf must be >= 0");
   require(o.steps >= 1, "--steps", "must be >= 1");
@@ -77,11 +110,10 @@ nlohmann::json run_bound(const BoundOptions& o) {
       if (o.weight_max > 0.0) t.update_r2 = std::pow(2.0 * unit_roundoff(prec.w) * std::sqrt(d) * o.weight_max, 2);
       terms[static_cast<std::size_t>(k)] = t;
     } else {
-      const CastObservation casts[] = {
-          {prec.g, d, o.grad_max, 1.0, true},        // the gradient's own cast
-          {prec.w, d, o.weight_max, o.L, false},     // weights: grad f moves by <= L ||w - x||
-      };
-      terms[static_cast<std::size_t>(k)] = step_terms(lr, casts, Rounding::Stochastic, d, master_grid);
+      // One tensor of d elements at the typical maxima: the G cast (linear, gain 1) and the W cast
+      // (grad f moves by <= L ||w - x||), the same terms a probed run uses (analysis/trajectory_bound.h).
+      const TensorScale all{prec.w, d, o.grad_max, o.weight_max};
+      terms[static_cast<std::size_t>(k)] = scaled_step_terms(format_scales(prec, {&all, 1}, lr, 0.0, 0.0), lr, o.L);
     }
   }
   const Rounding update = fp ? Rounding::Nearest : Rounding::Stochastic;

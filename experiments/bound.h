@@ -4,6 +4,8 @@
 // the PL bound on E f(x_k) - f*.
 #pragma once
 
+#include <filesystem>
+#include <functional>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -23,6 +25,13 @@ struct BoundOptions {
   long params = 0;                 // 0: count the GPT of --layers / --d-model
   int layers = 4, d_model = 128, context = 128;
 };
+
+// `--from-run DIR`: takes L, sigma2, f(x0) - f_inf, the format, the schedule,
+// the parameter count and the largest |g| and |master| from a finished
+// `intrain train --probe-every` run (DIR/summary.json, written from
+// DIR/probe.csv). `given(flag)` says which flags the user set; those win.
+// Throws naming DIR if it holds no probed run.
+void load_run_constants(BoundOptions& o, const std::filesystem::path& dir, const std::function<bool(const char*)>& given);
 
 // Prints the table to stdout and returns the JSON object (also printed).
 // Throws std::invalid_argument naming the flag for bad input.

@@ -46,6 +46,12 @@ void add_training_flags(CLI::App* app, intrain::TrainOptions& t) {
       ->check(CLI::NonNegativeNumber);
   app->add_option("--checkpoint-every", t.checkpoint_every, "Checkpoint every N steps (and at the end)")
       ->check(CLI::NonNegativeNumber);
+  app->add_option("--probe-every", t.probe_every,
+                  "Estimate the convergence bound's constants every N steps and evaluate the bound (0: off; "
+                  "ablate's default -1: steps/40; docs/convergence.md)")
+      ->check(CLI::Range(-1L, 100000000L));
+  app->add_option("--probe-micro-batches", t.probe_micro_batches, "Micro-batches per probe, for the gradient noise")
+      ->check(CLI::Range(1, 4096));
 }
 
 }  // namespace
@@ -134,8 +140,12 @@ int main(int argc, char** argv) {
   bound->add_option("--steps", bo.steps, "Optimizer steps")->check(CLI::Range(1L, 100000000L));
   bound->add_option("--warmup", bo.warmup, "Linear warmup steps")->check(CLI::NonNegativeNumber);
   bound->add_option("--final-lr-fraction", bo.final_lr_fraction, "Cosine floor as a fraction of --lr")->check(CLI::Range(0.0, 1.0));
-  bound->add_option("--L", bo.L, "Smoothness constant (required; estimate on a probe run)")->required();
-  bound->add_option("--sigma2", bo.sigma2, "Minibatch gradient variance (required; estimate on a probe run)")->required();
+  std::string bound_run;
+  bound->add_option("--from-run", bound_run,
+                    "Take L, sigma2, gap, scales, format and schedule from a run trained with --probe-every "
+                    "(flags given explicitly win)");
+  bound->add_option("--L", bo.L, "Smoothness constant (required unless --from-run)");
+  bound->add_option("--sigma2", bo.sigma2, "Minibatch gradient variance (required unless --from-run)");
   bound->add_option("--mu", bo.mu, "PL constant; 0 (default): non-convex bound only")->check(CLI::NonNegativeNumber);
   bound->add_option("--gap", bo.gap, "f(x0) - f_inf (default ln 256: a byte model's initial loss, f_inf = 0)");
   bound->add_option("--grad-max", bo.grad_max, "Typical per-tensor max |gradient| (required for integer formats)");
@@ -267,6 +277,9 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*bound) {
+      if (!bound_run.empty()) {
+        intrain::load_run_constants(bo, bound_run, [&](const char* flag) { return bound->count(flag) > 0; });
+      }
       intrain::run_bound(bo);
       return 0;
     }

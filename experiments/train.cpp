@@ -18,6 +18,7 @@
 #include "experiments/checkpoint.h"
 #include "experiments/run_lock.h"
 #include "experiments/corpus.h"
+#include "experiments/trajectory_probe.h"
 #include "layers/gpt.h"
 #include "optim/sgd.h"
 
@@ -152,7 +153,8 @@ TrainResult run_train(const TrainOptions& o) {
                                " already holds a run: pass --resume to continue it, --overwrite to replace it, or "
                                "choose another --out");
     }
-    for (const fs::path& p : {metrics_path, state_path, model_path, summary_path}) fs::remove(p);
+    for (const fs::path& p : {metrics_path, state_path, model_path, summary_path, o.out / "probe.csv", o.out / "bound.csv"})
+      fs::remove(p);
   }
   if (o.save_init && start == 0) save_model(o.out / "init.safetensors", model, {{"step", "0"}, {"commit", build_commit()}});
   std::ofstream metrics(metrics_path, std::ios::app);
@@ -162,6 +164,9 @@ TrainResult run_train(const TrainOptions& o) {
   Sgd opt(SgdConfig{o.momentum, o.weight_decay});
   const LrSchedule sched{o.lr, o.warmup, o.steps, o.final_lr_fraction};
   const int B = o.batch, T = o.context;
+  if (o.probe_every < 0) throw std::invalid_argument("--probe-every must be >= 0 (0: off)");
+  std::optional<TrajectoryProbe> probe;  // the bound's constants from this run (docs/convergence.md §8)
+  if (o.probe_every > 0) probe.emplace(o.out, prec, o.probe_every, o.probe_micro_batches, B, start);
   std::vector<std::int32_t> x(static_cast<std::size_t>(B) * T), y(x.size());
   std::vector<double> step_times;
   const bool tty = isatty(STDERR_FILENO) && !o.quiet;
@@ -189,10 +194,12 @@ TrainResult run_train(const TrainOptions& o) {
     const std::int64_t sat_fb = model.saturated(), cast_fb = model.elements_cast();
     std::int64_t split_elements = 0;
     const std::int64_t outliers = model.outliers(&split_elements);
+    if (probe && probe->due(step)) probe->before_update(model, x.data(), y.data(), B, T, step, o.seed, lr, loss);
     const std::int64_t sat_opt = opt.step(model.params(), prec.g, lr, static_cast<std::uint64_t>(step), o.seed);
     model.refresh_values(static_cast<std::uint64_t>(step + 1), o.seed);
     const double dt = seconds_since(t0);
     step_times.push_back(dt);
+    if (probe && probe->due(step)) probe->after_update(model, x.data(), y.data(), B, T, step, o.seed);
     last_train = loss;
     recent.push_back(loss);
     if (recent.size() > 50) recent.erase(recent.begin());
@@ -264,6 +271,7 @@ TrainResult run_train(const TrainOptions& o) {
                  {"final_eval_windows", o.final_eval_windows},
                  {"data", corpus.name},
                  {"resumed_from_step", start}};
+  if (probe) j["probe"] = probe->finish(sched, o.steps, o.momentum, o.weight_decay);
   write_json_atomically(summary_path, j);
   return r;
 }

@@ -30,6 +30,9 @@ struct TrainOptions {
   long final_eval_windows = 0;  // validation windows of the final evaluation (0: the whole split)
   long checkpoint_every = 500;
   bool quiet = false;         // no live progress line
+  long probe_every = 0;       // estimate the bound's constants every N steps and evaluate it (0: off;
+                              // experiments/trajectory_probe.h)
+  int probe_micro_batches = 4;  // micro-batches per probe (their gcd with --batch is used)
 };
 
 struct TrainResult {
