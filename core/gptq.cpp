@@ -128,7 +128,7 @@ GptqResult quantize_gptq(std::span<const float> W, std::int64_t K, std::int64_t 
     throw std::invalid_argument("quantize_gptq: the Hessian has " + std::to_string(Hspan.size()) + " entries, need K² = " +
                                 std::to_string(K * K));
   }
-  if (!(opt.damp > 0.0)) throw std::invalid_argument("quantize_gptq: damping must be positive");
+  if (!(opt.damp >= 0.0) || !std::isfinite(opt.damp)) throw std::invalid_argument("quantize_gptq: damping must be a finite number >= 0");
   const int G = opt.group, b = opt.bits;
   const std::int64_t ng = K / G;
   GptqResult res;
@@ -157,23 +157,28 @@ GptqResult quantize_gptq(std::span<const float> W, std::int64_t K, std::int64_t 
     for (std::int64_t n = 0; n < N; ++n) Wp(i, n) = W0[static_cast<std::size_t>(perm[static_cast<std::size_t>(i)] * N + n)];
   }
 
-  // U: upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹. A failed
-  // factorisation (H not positive definite) raises λ tenfold and says so.
+  // U: upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹. A factorisation
+  // that fails, or whose smallest pivot² falls below 1e-10 of the largest
+  // diagonal entry (numerically singular: a rank-deficient H can pass Eigen's
+  // sign test by rounding alone, and its inverse is then garbage), raises λ
+  // tenfold (from λ = 0, to 1e-6) and tries again.
   const double mean_diag = Hp.diagonal().mean();
   RowMat U;
   double damp = opt.damp;
-  for (;; damp *= 10.0, ++res.damp_raises) {
-    if (res.damp_raises > 8) {
-      throw std::runtime_error("quantize_gptq: the Hessian is not positive definite even with damping " +
-                               std::to_string(damp / 10.0) + " of its mean diagonal; check the calibration data");
+  for (;; damp = damp == 0.0 ? 1e-6 : damp * 10.0, ++res.damp_raises) {
+    if (res.damp_raises > kMaxDampRaises) {
+      throw std::runtime_error("quantize_gptq: the Hessian is not positive definite even with damping " + std::to_string(damp / 10.0) +
+                               " of its mean diagonal; it holds a NaN, an infinity or a negative eigenvalue: check the calibration data");
     }
     RowMat Hd = Hp;
     Hd.diagonal().array() += damp * mean_diag;
     Eigen::LLT<RowMat> llt(Hd);
     if (llt.info() != Eigen::Success) continue;
+    const double max_diag = Hd.diagonal().maxCoeff();
+    if (!(llt.matrixLLT().diagonal().array().square().minCoeff() > 1e-10 * max_diag)) continue;
     const RowMat Hinv = llt.solve(RowMat::Identity(K, K));
     Eigen::LLT<RowMat> llt_inv(Hinv);
-    if (llt_inv.info() != Eigen::Success) continue;
+    if (llt_inv.info() != Eigen::Success || !Hinv.allFinite()) continue;
     U = llt_inv.matrixU();
     break;
   }

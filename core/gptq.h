@@ -64,14 +64,19 @@ class HessianAccumulator {
 struct GptqOptions {
   int bits = 4;
   int group = 128;
-  double damp = 0.01;      // fraction of mean(diag H) added to the diagonal
+  double damp = 0.01;      // fraction of mean(diag H) added to the diagonal (0: plain Cholesky first)
   bool act_order = false;  // quantize inputs by decreasing H[k, k] (static groups)
 };
+
+// Raises of the damping before quantize_gptq gives up: from 1e-6 that is up
+// to 1e6 of the mean diagonal, which makes any finite positive semidefinite
+// H positive definite; only a NaN or a negative eigenvalue gets that far.
+inline constexpr int kMaxDampRaises = 12;
 
 struct GptqResult {
   PackedWeights weights;
   double damp = 0.0;      // the damping fraction finally used
-  int damp_raises = 0;    // times it was raised ×10 because a Cholesky failed
+  int damp_raises = 0;    // times it was raised (×10, or 0 -> 1e-6) because a Cholesky failed
   int dead_inputs = 0;    // inputs with H[k, k] = 0 (never active): their weights are set to 0
 };
 

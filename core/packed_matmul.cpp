@@ -16,10 +16,11 @@
 
 namespace intrain {
 
-ScaleMantissas scale_mantissas(const PackedWeights& W) {
+ScaleMantissas scale_mantissas(const PackedWeights& W) { return scale_mantissas(std::span<const std::uint16_t>(W.scale_bits())); }
+
+ScaleMantissas scale_mantissas(std::span<const std::uint16_t> bits) {
   // binary16: exponent field E, fraction F. Normal: (1024 + F)·2^(E − 25);
   // subnormal (E = 0): F·2^-24. So every scale is m·2^e with m < 2^11.
-  const auto& bits = W.scale_bits();
   std::vector<int> e(bits.size());
   std::vector<std::int64_t> m(bits.size());
   ScaleMantissas s;

@@ -42,6 +42,8 @@ struct ScaleMantissas {
   std::int64_t max_c = 0;
 };
 ScaleMantissas scale_mantissas(const PackedWeights& W);
+// The same for any list of binary16 scales (the salient part of AdpQ, core/salient_weights.h).
+ScaleMantissas scale_mantissas(std::span<const std::uint16_t> scale_bits);
 
 Tensor packed_matmul(const Tensor& X, const PackedWeights& W);
 Tensor packed_matmul_t(const Tensor& dY, const PackedWeights& W, RngKey key);

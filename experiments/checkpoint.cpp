@@ -175,9 +175,10 @@ GPT load_model(const std::filesystem::path& path, const std::string& format_over
   for (const std::string& module : packed) {
     Param& w = model.param(module + ".weight");
     try {
-      model.replace_linear(module, std::make_unique<QuantizedLinear>(module, read_packed(f, module, w.master.rows(), w.master.cols()),
-                                                                     &model.param(module + ".bias")));
-    } catch (const std::invalid_argument& e) {
+      const std::int64_t K = w.master.rows(), N = w.master.cols();
+      model.replace_linear(module, std::make_unique<QuantizedLinear>(module, read_packed(f, module, K, N),
+                                                                     &model.param(module + ".bias"), read_salient(f, module, K, N)));
+    } catch (const std::exception& e) {  // invalid storage, or a salient tensor or count missing
       fail(path, "packed weight '" + module + "': " + e.what());
     }
     w.master = Tensor();

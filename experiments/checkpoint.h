@@ -45,10 +45,11 @@ void save_train_state(const std::filesystem::path& path, const GPT& model, std::
 // `format_override` if non-empty) and a model whose values are the file's
 // weights (cast to the format). A file written by `intrain quantize` holds a
 // block weight as packed codes ("<module>.qweight", ".qzeros", ".scales"; see
-// experiments/quantize.h): that module becomes a frozen QuantizedLinear and
-// its float weight parameter is left empty (no float copy is kept). A file
-// with "lora.rank" metadata (written by `intrain lrec`) also wraps each module
-// that has "<module>.lora_A"/"lora_B" in a LoraLinear holding them. Throws std::runtime_error naming the file and
+// experiments/quantize.h; AdpQ files add a sparse salient part): that module
+// becomes a frozen QuantizedLinear and its float weight parameter is left
+// empty (no float copy is kept). A file with "lora.rank" metadata (written by
+// `intrain lrec`) also wraps each module that has "<module>.lora_A"/"lora_B"
+// in a LoraLinear holding them. Throws std::runtime_error naming the file and
 // what is wrong: a missing tensor, a shape that does not match the metadata,
 // metadata missing or malformed.
 GPT load_model(const std::filesystem::path& path, const std::string& format_override, Rounding rounding);

@@ -158,17 +158,25 @@ int main(int argc, char** argv) {
 
   intrain::QuantizeOptions qu;
   std::string quant_data;
-  auto* quant = app.add_subcommand("quantize", "Group-wise RTN or GPTQ quantization of a checkpoint's block linears");
+  auto* quant = app.add_subcommand("quantize", "Group-wise RTN, GPTQ, AdpQ or OAC quantization of a checkpoint's block linears");
   quant->add_option("--model", qu.model, "model.safetensors written by intrain train")->required();
   quant->add_option("--out", qu.out, "The quantized model file to write (packed safetensors)")->required();
   quant->add_option("--bits", qu.bits, "Bits per weight code")->check(CLI::Range(2, 8));
   quant->add_option("--group", qu.group, "Weights per group along the input dimension (a multiple of 8 dividing it)")
       ->check(CLI::Range(8, 4096));
-  quant->add_option("--method", qu.method, "rtn or gptq")->check(CLI::IsMember({"rtn", "gptq"}));
-  quant->add_option("--calib-tokens", qu.calib_tokens, "GPTQ calibration tokens from the train split")
+  quant->add_option("--method", qu.method, "rtn, gptq, adpq (zero-shot, salient weights apart) or oac (output-adaptive GPTQ)")
+      ->check(CLI::IsMember({"rtn", "gptq", "adpq", "oac"}));
+  quant->add_option("--calib-tokens", qu.calib_tokens, "GPTQ/OAC calibration tokens from the train split")
       ->check(CLI::Range(1L, 100000000L));
   quant->add_flag("--act-order", qu.act_order, "GPTQ: quantize inputs by decreasing Hessian diagonal (static groups)");
-  quant->add_option("--damp", qu.damp, "GPTQ damping, a fraction of the mean Hessian diagonal")->check(CLI::PositiveNumber);
+  quant->add_option("--damp", qu.damp, "GPTQ/OAC damping, a fraction of the mean Hessian diagonal (0: plain Cholesky; "
+                    "raised step by step when a factorisation fails)")->check(CLI::NonNegativeNumber);
+  quant->add_option("--adpq-rule", qu.adpq_rule, "AdpQ threshold rule: fraction (the --salient-fraction largest |w| per "
+                    "layer) or universal (robust sigma * sqrt(2 ln n))")->check(CLI::IsMember({"fraction", "universal"}));
+  quant->add_option("--salient-fraction", qu.salient_fraction, "AdpQ: fraction of each layer's weights kept as salient")
+      ->check(CLI::Range(0.0, 0.5));
+  quant->add_option("--adpq-gamma", qu.adpq_gamma, "AdpQ: exponent of the adaptive-LASSO weights 1/|w|^gamma")
+      ->check(CLI::Range(0.0, 16.0));
   quant->add_option("--data", quant_data, "Calibration text file (default: the KJV); its train split is used");
   quant->add_option("--seed", qu.seed, "Seed of the calibration windows");
   quant->add_option("--threads", qu.threads, "OpenMP threads (0: default)")->check(CLI::NonNegativeNumber);
