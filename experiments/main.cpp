@@ -224,7 +224,7 @@ int main(int argc, char** argv) {
   int21->add_option("--heads", rp.heads, "Teacher heads")->check(CLI::Range(1, 256));
   int21->add_option("--context", rp.context, "Teacher context")->check(CLI::Range(2, 4096));
   int21->add_option("--teacher-steps", rp.teacher_steps, "Teacher training steps")->check(CLI::Range(1L, 100000000L));
-  int21->add_option("--methods", rp.methods, "Quantizers, comma separated: rtn, gptq")->delimiter(',');
+  int21->add_option("--methods", rp.methods, "Quantizers, comma separated: rtn, gptq, adpq, oac")->delimiter(',');
   int21->add_option("--bits", rp.bits, "Bit widths, comma separated (2..8)")->delimiter(',');
   int21->add_option("--group", rp.group, "Quantization group size")->check(CLI::Range(8, 4096));
   int21->add_option("--calib-tokens", rp.calib_tokens, "GPTQ calibration tokens")->check(CLI::Range(1L, 100000000L));

@@ -186,7 +186,8 @@ std::string markdown(const json& report) {
 int run_reproduce_int21(const ReproduceOptions& o) {
   if (o.methods.empty() || o.bits.empty()) throw std::invalid_argument("--methods and --bits must not be empty");
   for (const std::string& m : o.methods)
-    if (m != "rtn" && m != "gptq") throw std::invalid_argument("--methods: '" + m + "' is not one of rtn, gptq");
+    if (m != "rtn" && m != "gptq" && m != "adpq" && m != "oac")
+      throw std::invalid_argument("--methods: '" + m + "' is not one of rtn, gptq, adpq, oac");
   for (int b : o.bits)
     if (b < 2 || b > 8) throw std::invalid_argument("--bits: " + std::to_string(b) + " is outside 2..8");
   if (o.teacher && !fs::exists(*o.teacher)) throw std::invalid_argument("--teacher " + o.teacher->string() + " does not exist");

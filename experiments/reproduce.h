@@ -31,7 +31,7 @@ struct ReproduceOptions {
   long teacher_steps = 3000;
   double teacher_lr = 0.1;
   // Quantization.
-  std::vector<std::string> methods{"rtn", "gptq"};
+  std::vector<std::string> methods{"rtn", "gptq", "adpq", "oac"};
   std::vector<int> bits{2, 3, 4, 8};
   int group = 128;
   long calib_tokens = 32768;

@@ -11,6 +11,8 @@
 #include <sstream>
 #include <string>
 
+#include "experiments/train.h"
+
 namespace intrain::testing {
 
 namespace fs = std::filesystem;
@@ -43,6 +45,29 @@ inline std::string file_bytes(const fs::path& p) {
   std::stringstream s;
   s << f.rdbuf();
   return s.str();
+}
+
+// Options of a tiny training run on tiny_corpus(): d = 32, 2 heads, batch 4,
+// no periodic evaluation or checkpoints, quiet. Callers adjust the rest.
+inline TrainOptions tiny_train_options(const fs::path& out, const std::string& format, int layers, int context,
+                                       long steps) {
+  TrainOptions o;
+  o.layers = layers;
+  o.d_model = 32;
+  o.heads = 2;
+  o.context = context;
+  o.batch = 4;
+  o.steps = steps;
+  o.warmup = 2;
+  o.lr = 0.1;
+  o.format = format;
+  o.data = tiny_corpus();
+  o.out = out;
+  o.eval_every = 0;
+  o.eval_windows = 4;
+  o.checkpoint_every = 0;
+  o.quiet = true;
+  return o;
 }
 
 // The CLI, run as a child process with its output captured.

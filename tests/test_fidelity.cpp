@@ -310,23 +310,9 @@ TEST(Fidelity, BadInputThrows) {
 // ---- through the models and the CLI
 
 TrainOptions tiny_train(const fs::path& out, int context, long steps) {
-  TrainOptions o;
-  o.layers = 1;
-  o.d_model = 32;
-  o.heads = 2;
-  o.context = context;
-  o.batch = 4;
-  o.steps = steps;
-  o.warmup = 2;
-  o.lr = 0.1;
-  o.format = "fp32";
-  o.data = tiny_corpus();
-  o.out = out;
-  o.eval_every = 0;
+  TrainOptions o = testing::tiny_train_options(out, "fp32", 1, context, steps);
   o.eval_windows = 2;
   o.final_eval_windows = 2;
-  o.checkpoint_every = 0;
-  o.quiet = true;
   return o;
 }
 

@@ -33,23 +33,7 @@ using testing::run_cli;
 using testing::tiny_corpus;
 
 TrainOptions tiny_run(const fs::path& out, const std::string& format, long steps) {
-  TrainOptions o;
-  o.layers = 2;
-  o.d_model = 32;
-  o.heads = 2;
-  o.context = 16;
-  o.batch = 4;
-  o.steps = steps;
-  o.warmup = 2;
-  o.lr = 0.1;
-  o.format = format;
-  o.data = tiny_corpus();
-  o.out = out;
-  o.eval_every = 0;
-  o.eval_windows = 4;
-  o.checkpoint_every = 0;
-  o.quiet = true;
-  return o;
+  return testing::tiny_train_options(out, format, 2, 16, steps);
 }
 
 TEST(TrainCheckpoint, ModelRoundTripsThroughSafetensors) {

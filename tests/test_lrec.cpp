@@ -1,0 +1,125 @@
+// `intrain lrec` and `intrain reproduce int21` end to end on a tiny model:
+// LREC lowers the KL to the teacher, its model file reloads with the
+// adapters, bad input fails clearly, and a reproduction resumes.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "run_support.h"
+
+namespace intrain {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using testing::fresh_dir;
+using testing::run_cli;
+
+json read(const fs::path& p) {
+  std::ifstream in(p);
+  return json::parse(in);
+}
+
+// A trained tiny teacher and its INT2 RTN quantization, shared by the tests.
+struct TinySetup {
+  fs::path dir, teacher, quantized;
+  TinySetup() : dir(fresh_dir("lrec")) {
+    fs::create_directories(dir);
+    TrainOptions o = testing::tiny_train_options(dir / "teacher", "fp32", 1, 16, 60);
+    o.final_eval_windows = 4;
+    run_train(o);
+    teacher = dir / "teacher" / "model.safetensors";
+    quantized = dir / "q2.safetensors";
+    std::string out;
+    EXPECT_EQ(run_cli("quantize --model " + teacher.string() + " --bits 2 --group 8 --method rtn --out " +
+                          quantized.string(),
+                      &out),
+              0)
+        << out;
+  }
+  std::string lrec_args(const fs::path& out) const {
+    return "lrec --teacher " + teacher.string() + " --quantized " + quantized.string() + " --data " +
+           testing::tiny_corpus().string() + " --rank 2 --steps 40 --batch 8 --lr 0.5 --eval-windows 16 --threads 1 --quiet --out " +
+           out.string();
+  }
+};
+
+const TinySetup& setup() {
+  static const TinySetup s;
+  return s;
+}
+
+TEST(LrecCli, LowersTheKlAndItsModelReloadsWithTheAdapters) {
+  const TinySetup& s = setup();
+  const fs::path out = s.dir / "run";
+  std::string log;
+  ASSERT_EQ(run_cli(s.lrec_args(out), &log), 0) << log;
+  const json sum = read(out / "summary.json");
+  const double before = sum["before"]["kl_mean"], after = sum["after"]["kl_mean"];
+  EXPECT_GT(before, 0.0);
+  EXPECT_LT(after, 0.8 * before) << "LREC should cut the KL of an INT2 model by at least a fifth in 40 steps";
+  EXPECT_GT(sum["bits"]["adapter_bits_per_weight"].get<double>(), 0.0);
+  // The written model holds the adapters: evaluated again, it gives the KL
+  // LREC reported after training, bit for bit (same windows, same keys).
+  ASSERT_EQ(run_cli("eval --model " + (out / "model.safetensors").string() + " --teacher " + s.teacher.string() +
+                        " --data " + testing::tiny_corpus().string() + " --max-windows 16 --batch 8 --threads 1",
+                    &log),
+            0)
+      << log;
+  const json ev = json::parse(log.substr(log.find('{')));
+  EXPECT_EQ(ev["kl_mean"].get<double>(), after);
+  // A second run into the same folder refuses to overwrite it.
+  EXPECT_NE(run_cli(s.lrec_args(out), &log), 0);
+  EXPECT_NE(log.find("--overwrite"), std::string::npos) << log;
+}
+
+TEST(LrecCli, BadInputNamesTheFlag) {
+  const TinySetup& s = setup();
+  std::string log;
+  // A quantized file as the teacher, a missing quantized file, a bad rank.
+  EXPECT_NE(run_cli("lrec --teacher " + s.quantized.string() + " --quantized " + s.quantized.string() + " --out " +
+                        (s.dir / "bad1").string(),
+                    &log),
+            0);
+  EXPECT_NE(log.find("--teacher"), std::string::npos) << log;
+  EXPECT_NE(run_cli("lrec --teacher " + s.teacher.string() + " --quantized " + (s.dir / "missing.safetensors").string() +
+                        " --out " + (s.dir / "bad2").string(),
+                    &log),
+            0);
+  EXPECT_NE(log.find("missing.safetensors"), std::string::npos) << log;
+  EXPECT_NE(run_cli("lrec --teacher " + s.teacher.string() + " --quantized " + s.quantized.string() + " --rank 0", &log), 0);
+  EXPECT_NE(log.find("--rank"), std::string::npos) << log;
+}
+
+TEST(ReproduceCli, WritesTheTableAndResumesWithoutRecomputing) {
+  const TinySetup& s = setup();
+  const fs::path out = s.dir / "int21";
+  const std::string args = "reproduce int21 --teacher " + s.teacher.string() + " --data " + testing::tiny_corpus().string() +
+                           " --out " + out.string() +
+                           " --methods rtn --bits 2,4 --group 8 --rank 1 --sweep-ranks 2 --lrec-steps 10 --batch 4"
+                           " --eval-windows 8 --calib-tokens 256 --jobs 2 --no-plots";
+  std::string log;
+  ASSERT_EQ(run_cli(args, &log), 0) << log;
+  const json r = read(out / "int21.json");
+  ASSERT_EQ(r["rows"].size(), 2u);
+  for (const json& row : r["rows"]) {
+    for (const char* k : {"bits", "method", "ppl_quantized", "ppl_lrec", "ppl_float", "kl_quantized", "kl_lrec",
+                          "top1_quantized", "top1_lrec", "effective_bits", "peak_rss_mib"})
+      EXPECT_TRUE(row.contains(k)) << k;
+  }
+  EXPECT_EQ(r["rank_sweep"].size(), 2u);  // ranks 1 (the table's) and 2
+  EXPECT_TRUE(r.contains("memory"));
+  EXPECT_TRUE(fs::exists(out / "int21.md"));
+  // Again: every stage is found finished, nothing runs, the table is the same.
+  ASSERT_EQ(run_cli(args, &log), 0) << log;
+  EXPECT_EQ(log.find("reproduce: ["), std::string::npos) << "a finished stage ran again:\n" << log;
+  EXPECT_EQ(read(out / "int21.json")["rows"], r["rows"]);
+  // Different settings into the same folder are refused.
+  EXPECT_NE(run_cli(args + " --lr 0.9", &log), 0);
+  EXPECT_NE(log.find("lr"), std::string::npos) << log;
+}
+
+}  // namespace
+}  // namespace intrain
