@@ -345,7 +345,17 @@ double GPT::forward(const std::int32_t* tokens, const std::int32_t* targets, std
   tokens_.assign(tokens, tokens + B * T);
 
   Tensor h = embedding_forward(tokens, B, T, wte_->value, wpe_->value);
-  for (int l = 0; l < cfg_.n_layer; ++l) h = block_forward(blocks_[static_cast<std::size_t>(l)], l, std::move(h));
+  for (int l = 0; l < cfg_.n_layer; ++l) {
+    Block& b = blocks_[static_cast<std::size_t>(l)];
+    h = block_forward(b, l, std::move(h));
+    if (!train) {
+      // Evaluation (and a distillation teacher) needs no backward: drop what
+      // the block saved for it, so memory is one block's, not the model's.
+      b.q = b.k = b.v = b.P = b.z = Tensor();
+      b.ln1 = b.ln2 = LayerNormCache();
+      for (LinearLayer* lin : {b.c_attn.get(), b.c_proj.get(), b.c_fc.get(), b.mlp_proj.get()}) lin->drop_saved();
+    }
+  }
   xf_ = layernorm_forward(h, lnf_g_->value, lnf_b_->value, prec_.a, key(1), lnf_);
   note(xf_);
   logits_ = matmul(xf_, wte_->value, Trans::N, Trans::T);  // tied head: [B*T, V]

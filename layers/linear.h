@@ -45,6 +45,8 @@ class LinearLayer {
   virtual std::int64_t split_elements() const { return 0; }
   virtual void reset_counts() {}
   virtual void set_observer(SplitObserver) {}
+  // Frees what forward() saved for backward() (an evaluation pass).
+  virtual void drop_saved() {}
 };
 
 class Linear : public LinearLayer {
@@ -59,6 +61,10 @@ class Linear : public LinearLayer {
   std::int64_t split_elements() const override { return split_elements_; }
   void reset_counts() override { outliers_ = split_elements_ = 0; }
   void set_observer(SplitObserver f) override { observer_ = std::move(f); }
+  void drop_saved() override {
+    x_ = Tensor();
+    sx_ = OutlierSplit();
+  }
 
  private:
   OutlierSplit split(const Tensor& t, char role, RngKey key);

@@ -63,6 +63,10 @@ class LoraLinear : public LinearLayer {
   std::int64_t split_elements() const override { return base_->split_elements(); }
   void reset_counts() override { base_->reset_counts(); }
   void set_observer(SplitObserver f) override { base_->set_observer(std::move(f)); }
+  void drop_saved() override {
+    base_->drop_saved();
+    x_ = u_ = Tensor();
+  }
 
   const std::string& module() const { return module_; }
   const LinearLayer& base() const { return *base_; }
