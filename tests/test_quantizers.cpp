@@ -254,25 +254,7 @@ TEST(Gptq, RankDeficientCalibrationRaisesTheDampingAndFinishes) {
   }
 }
 
-TrainOptions tiny_model(const fs::path& out) {
-  TrainOptions o;
-  o.layers = 2;
-  o.d_model = 32;
-  o.heads = 2;
-  o.context = 16;
-  o.batch = 4;
-  o.steps = 10;
-  o.warmup = 2;
-  o.lr = 0.1;
-  o.format = "fp32";
-  o.data = tiny_corpus();
-  o.out = out;
-  o.eval_every = 0;
-  o.eval_windows = 4;
-  o.checkpoint_every = 0;
-  o.quiet = true;
-  return o;
-}
+TrainOptions tiny_model(const fs::path& out) { return testing::tiny_train_options(out, "fp32", 2, 16, 10); }
 
 // The CLI end to end on a tiny model: AdpQ's bytes do not depend on the data
 // named; GPTQ and OAC record the raised damping and the calibration set; all
