@@ -230,15 +230,7 @@ int run_ablate(const AblateOptions& o) {
   write_text_atomically(o.out / "ablation.md", md);
   std::printf("%s", md.c_str());
 
-  if (o.plots) {
-    const fs::path script = fs::path(INTRAIN_SOURCE_DIR) / "analysis" / "plot_ablation.py";
-    const std::string cmd = "/usr/bin/python3 '" + script.string() + "' '" + o.out.string() + "'";
-    if (!fs::exists(script)) {
-      std::fprintf(stderr, "ablate: plots skipped: %s not found\n", script.c_str());
-    } else if (std::system(cmd.c_str()) != 0) {
-      std::fprintf(stderr, "ablate: plots skipped (needs python3-matplotlib); the report is complete without them\n");
-    }
-  }
+  if (o.plots) run_plot_script("plot_ablation.py", o.out, "ablate");
   std::fprintf(stderr, "ablate: report in %s/ablation.md and ablation.json\n", o.out.c_str());
   return failed;
 }

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -61,6 +62,18 @@ void write_text_atomically(const fs::path& p, const std::string& text) {
     if (!out) throw std::runtime_error(tmp.string() + ": cannot write");
   }
   fs::rename(tmp, p);
+}
+
+void run_plot_script(const std::string& script, const fs::path& dir, const std::string& who) {
+  const fs::path path = fs::path(INTRAIN_SOURCE_DIR) / "analysis" / script;
+  if (!fs::exists(path)) {
+    std::fprintf(stderr, "%s: plots skipped: %s not found\n", who.c_str(), path.c_str());
+    return;
+  }
+  const std::string cmd = "/usr/bin/python3 '" + path.string() + "' '" + dir.string() + "'";
+  if (std::system(cmd.c_str()) != 0) {
+    std::fprintf(stderr, "%s: plots skipped (needs python3-matplotlib); the report is complete without them\n", who.c_str());
+  }
 }
 
 std::vector<ChildFailure> run_child_jobs(const std::vector<ChildJob>& jobs, int parallel, const std::string& who) {

@@ -24,6 +24,11 @@ std::string last_line(const std::filesystem::path& log);
 // Writes `text` to a temporary file beside `p`, then renames it over `p`.
 void write_text_atomically(const std::filesystem::path& p, const std::string& text);
 
+// Runs analysis/<script> DIR with Debian's python3 (matplotlib). A missing
+// script or a failure only prints why on stderr, prefixed by `who`: the
+// reports a plot accompanies are complete without it.
+void run_plot_script(const std::string& script, const std::filesystem::path& dir, const std::string& who);
+
 struct ChildJob {
   std::string name;               // for progress lines and errors
   std::vector<std::string> args;  // arguments of this binary, e.g. {"train", "--out", ...}

@@ -326,12 +326,7 @@ int run_reproduce_int21(const ReproduceOptions& o) {
   const std::string md = markdown(report);
   write_text_atomically(o.out / "int21.md", md);
   std::printf("%s", md.c_str());
-  if (o.plots) {
-    const fs::path script = fs::path(INTRAIN_SOURCE_DIR) / "analysis" / "plot_int21.py";
-    const std::string cmd = "/usr/bin/python3 '" + script.string() + "' '" + o.out.string() + "'";
-    if (!fs::exists(script) || std::system(cmd.c_str()) != 0)
-      std::fprintf(stderr, "reproduce: plot skipped (needs python3-matplotlib); the report is complete without it\n");
-  }
+  if (o.plots) run_plot_script("plot_int21.py", o.out, "reproduce");
   std::fprintf(stderr, "reproduce: report in %s/int21.md and int21.json\n", o.out.c_str());
   return static_cast<int>(failed.size());
 }
