@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/collective.h"
 #include "core/fixed_point.h"
 #include "core/ops.h"
 #include "core/parallel.h"
@@ -117,7 +118,9 @@ Tensor cast(const Tensor& x, const Format& f, RngKey key) {
     dequantize_into(x, std::span<float>(y.data<float>(), static_cast<std::size_t>(y.numel())));
     return y;
   }
-  if (x.format() == f && x.saturated() == 0) return x;
+  // (A batch slice skips the saturation test: requantizing would be a no-op
+  // here, and the ranks must agree on whether to call it.)
+  if (x.format() == f && (x.saturated() == 0 || is_batch_slice(key))) return x;
   return requantize(x, f, key);
 }
 
@@ -140,7 +143,8 @@ Tensor bias_add(const Tensor& acc, const Tensor* bias, const Format& out, RngKey
     }, std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(N, 1)));
     return cast(y, out, key);
   }
-  const int e = common_exponent(max_abs_mantissa(acc), acc.exponent(), max_abs_mantissa(*bias), bias->exponent());
+  const int e =
+      common_exponent(slice_max(key, max_abs_mantissa(acc)), acc.exponent(), max_abs_mantissa(*bias), bias->exponent());
   std::vector<std::int64_t> b(static_cast<std::size_t>(N));
   for_int(*bias, [&](const auto* p) {
     for (std::int64_t n = 0; n < N; ++n) b[static_cast<std::size_t>(n)] = shift_to(p[n], bias->exponent(), e);
@@ -188,9 +192,10 @@ Tensor sum_rows(const Tensor& dy) {
 }
 
 // Elementwise sum of two same-shape tensors into an exact acc64 (integer);
-// also returns max |sum|.
-static Tensor aligned_sum(const Tensor& a, const Tensor& b, std::uint64_t* max_out = nullptr) {
-  const int e = common_exponent(max_abs_mantissa(a), a.exponent(), max_abs_mantissa(b), b.exponent());
+// also returns max |sum|. `key` marks batch slices (their exponent is global).
+static Tensor aligned_sum(const Tensor& a, const Tensor& b, RngKey key, std::uint64_t* max_out = nullptr) {
+  const int e = common_exponent(slice_max(key, max_abs_mantissa(a)), a.exponent(), slice_max(key, max_abs_mantissa(b)),
+                                b.exponent());
   Tensor s = acc64(a.shape(), e);
   std::int64_t* o = s.data<std::int64_t>();
   const ExponentShift sa(a.exponent(), e), sb(b.exponent(), e);
@@ -217,7 +222,7 @@ void residual_add(Tensor& h, const Tensor& x, RngKey key) {
     return;
   }
   std::uint64_t mx = 0;
-  Tensor s = aligned_sum(h, x, &mx);
+  Tensor s = aligned_sum(h, x, key, &mx);
   s.reshape(h.shape());
   h = requantize_with_max(s, mx, residual_format(), key);
 }
@@ -231,7 +236,7 @@ Tensor add_accumulators(const Tensor& a, const Tensor& b) {
     for (std::int64_t i = 0; i < s.numel(); ++i) p[i] += q[i];
     return s;
   }
-  return aligned_sum(a, b);
+  return aligned_sum(a, b, RngKey{});
 }
 
 Tensor scale_accumulator(const Tensor& acc, double s) {
@@ -415,17 +420,16 @@ Tensor merge_qkv(const Tensor& dq, const Tensor& dk, const Tensor& dv, std::int6
     for (int p = 0; p < 3; ++p) scatter_heads(parts[p]->data<float>(), o.data<float>(), B, T, H, D, 3 * C, p * C);
     return cast(o, f, key);
   }
+  // The finest exponent at which all three fit in 62 bits.
   int e = INT32_MAX;
-  std::uint64_t mx = 0;
   for (const Tensor* p : parts) {
     e = std::min(e, p->exponent());
   }
   for (const Tensor* p : parts) {
     const std::uint64_t m = max_abs_mantissa(*p);
     e = std::max(e, p->exponent() - (62 - bit_length(m)));
-    mx = std::max(mx, m);
   }
-  (void)mx;
+  e = slice_max(key, e);
   Tensor o = acc64({B * T, 3 * C}, e);
   for (int p = 0; p < 3; ++p) {
     Tensor aligned = acc64(parts[p]->shape(), e);

@@ -23,6 +23,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/collective.h"
 #include "core/fixed_point.h"
 #include "core/ops.h"
 #include "core/parallel.h"
@@ -277,7 +278,7 @@ Tensor ln_backward_int(const Tensor& dy_in, const Tensor& gamma, const LayerNorm
   // int64 for C up to 2^14).
   const int gbits = 24 - std::max(0, bit_length(static_cast<std::uint64_t>(C)) - 8);
   const int gshift =
-      std::max(0, bit_length(max_abs_mantissa(dy)) + bit_length(max_abs_mantissa(gamma)) - gbits);
+      std::max(0, bit_length(slice_max(key, max_abs_mantissa(dy))) + bit_length(max_abs_mantissa(gamma)) - gbits);
   const int eg = dy.exponent() + gamma.exponent() + gshift;
   std::vector<std::int64_t> v(static_cast<std::size_t>(R * C));
   std::vector<int> row_exp(static_cast<std::size_t>(R));
@@ -297,9 +298,10 @@ Tensor ln_backward_int(const Tensor& dy_in, const Tensor& gamma, const LayerNorm
   int eo = INT32_MIN;
   for (std::int64_t r = 0; r < R; ++r)
     eo = std::max(eo, row_exp[static_cast<std::size_t>(r)] + row_bits[static_cast<std::size_t>(r)] - 23);
+  eo = slice_max(key, eo);
   Tensor dx = Tensor::uninitialized(dy_in.shape(), residual_format(), eo);
   std::int32_t* pdx = dx.data<std::int32_t>();
-  const RngKey k3 = key.derive(3);
+  const RngKey k3 = slice_key(key.derive(3), R * C);
   for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
       ln_row_output(v.data() + r * C, C, eo - row_exp[static_cast<std::size_t>(r)], k3,

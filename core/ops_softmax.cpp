@@ -23,6 +23,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/collective.h"
 #include "core/fixed_point.h"
 #include "core/ops.h"
 #include "core/parallel.h"
@@ -348,11 +349,12 @@ template <class SubtractFloat, class SubtractQ30>
 Tensor softmax_minus_target(const Tensor& logits, double weight, const Format& grad_format, RngKey key,
                             SubtractFloat subtract_float, SubtractQ30 subtract_q30) {
   const std::int64_t V = logits.cols(), R = logits.numel() / V;
+  const std::int64_t R_all = slice_rows(key, R);  // the mean is over the global batch
   if (logits.format().is_float()) {
     Tensor g(logits.shape(), Format::fp32());
     const float* l = logits.data<float>();
     float* o = g.data<float>();
-    const double w = weight / static_cast<double>(R);
+    const double w = weight / static_cast<double>(R_all);
     for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
       std::vector<double> p(static_cast<std::size_t>(V));
       for (std::int64_t r = r0; r < r1; ++r) {
@@ -373,8 +375,8 @@ Tensor softmax_minus_target(const Tensor& logits, double weight, const Format& g
   // grad = (p - target) * m at exponent -30 - k, with weight / R = m * 2^-k:
   // k = 30 + bit_length(R) - ilogb(weight) puts m in (2^30, 2^32], so
   // |p - target| <= 2^30 keeps the product below 2^62.
-  const int k = 30 + bit_length(static_cast<std::uint64_t>(R)) - std::ilogb(weight);
-  const std::int64_t m = std::llround(std::ldexp(weight, k) / static_cast<double>(R));
+  const int k = 30 + bit_length(static_cast<std::uint64_t>(R_all)) - std::ilogb(weight);
+  const std::int64_t m = std::llround(std::ldexp(weight, k) / static_cast<double>(R_all));
   Tensor acc = Tensor::uninitialized(logits.shape(), Format::accumulator(64), -30 - k);
   std::int64_t* o = acc.data<std::int64_t>();
   std::vector<std::uint64_t> mx(static_cast<std::size_t>(num_chunks(R, 64)), 0);

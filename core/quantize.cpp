@@ -8,6 +8,7 @@
 #include <string>
 #include <type_traits>
 
+#include "core/collective.h"
 #include "core/parallel.h"
 #include "core/rounding.h"
 #include "core/simd.h"
@@ -200,6 +201,7 @@ void quantize_grouped_into(std::span<const float> x, Tensor& t, RngKey key) {
 
 Tensor quantize(std::span<const float> x, const Shape& shape, const Format& f, RngKey key) {
   check_size(x, shape, "quantize");
+  key = slice_key(key, static_cast<std::int64_t>(x.size()));
   Tensor t = Tensor::uninitialized(shape, f);
   switch (f.scaling()) {
     case Scaling::Float: std::copy(x.begin(), x.end(), t.data<float>()); break;
@@ -209,7 +211,7 @@ Tensor quantize(std::span<const float> x, const Shape& shape, const Format& f, R
       break;
     case Scaling::SharedExponent:
       if (f.bits() > 31) throw std::invalid_argument("quantize: " + f.name() + " is not a fixed-point format");
-      t.set_exponent(exponent_for_max(max_abs(x), f.qmax()));
+      t.set_exponent(exponent_for_max(slice_max(key, max_abs(x)), f.qmax()));
       t.set_saturated(quantize_fixed_into(x, t, key));
       break;
   }
@@ -222,6 +224,7 @@ Tensor quantize_at(std::span<const float> x, const Shape& shape, const Format& f
     throw std::invalid_argument("quantize_at: " + f.name() + " is not a fixed-point format of at most 31 bits");
   }
   max_abs(x);  // finiteness check
+  key = slice_key(key, static_cast<std::int64_t>(x.size()));
   Tensor t = Tensor::uninitialized(shape, f, exponent);
   t.set_saturated(quantize_fixed_into(x, t, key));
   return t;
@@ -440,6 +443,7 @@ Tensor requantize_at(const Tensor& acc, const Format& f, int exponent, RngKey ke
   if (f.scaling() != Scaling::SharedExponent || f.bits() > 32) {
     throw std::invalid_argument("requantize: target " + f.name() + " is not a fixed-point format of <= 32 bits");
   }
+  key = slice_key(key, acc.numel());
   Tensor out = Tensor::uninitialized(acc.shape(), f, exponent);
   const int shift = exponent - acc.exponent();
   const std::int64_t lo = f.qmin(), hi = f.qmax();
@@ -474,7 +478,8 @@ Tensor requantize_with_max(const Tensor& acc, std::uint64_t max_abs, const Forma
   if (f.scaling() != Scaling::SharedExponent) {
     throw std::invalid_argument("requantize: target " + f.name() + " is not a fixed-point format");
   }
-  const int shift = shift_for_max(max_abs, f.qmax());
+  // A batch slice takes the exponent of the whole tensor.
+  const int shift = shift_for_max(slice_max(key, max_abs), f.qmax());
   return requantize_at(acc, f, acc.exponent() + shift, key);
 }
 

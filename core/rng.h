@@ -19,6 +19,8 @@
 
 namespace intrain {
 
+class Collective;
+
 // 64-bit finaliser (splitmix64): turns structured inputs into a well-mixed key.
 constexpr std::uint64_t mix64(std::uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
@@ -45,6 +47,12 @@ constexpr std::uint32_t lowbias32(std::uint32_t x) {
 // Key for one stream under one seed. Cheap to copy; pass by value.
 struct RngKey {
   std::uint32_t k0 = 0, k1 = 0;
+  // Data-parallel training only (core/collective.h): the tensor rounded with
+  // this key is one rank's batch slice of a larger logical tensor, and
+  // index_offset (set by slice_key()) moves its element indices to their
+  // global positions. Null and 0 everywhere else, so the bits are unchanged.
+  const Collective* batch_shard = nullptr;
+  std::uint32_t index_offset = 0;
 
   RngKey() = default;
   constexpr RngKey(std::uint64_t seed, std::uint64_t stream) {
@@ -54,11 +62,16 @@ struct RngKey {
   }
 
   // Uniform 32 random bits for element `index`.
-  constexpr std::uint32_t bits(std::uint32_t index) const { return lowbias32(lowbias32(index ^ k0) + k1); }
+  constexpr std::uint32_t bits(std::uint32_t index) const {
+    return lowbias32(lowbias32((index + index_offset) ^ k0) + k1);
+  }
 
-  // A key for a sub-stream, e.g. one piece of a split tensor.
+  // A key for a sub-stream, e.g. one piece of a split tensor. It keeps the
+  // batch slice (the sub-stream rounds another tensor of the same pass) but
+  // not the offset, which belongs to one tensor's size.
   constexpr RngKey derive(std::uint64_t sub) const {
     RngKey r;
+    r.batch_shard = batch_shard;
     const std::uint64_t k = mix64((std::uint64_t{k1} << 32 | k0) ^ mix64(sub + 1));
     r.k0 = static_cast<std::uint32_t>(k);
     r.k1 = static_cast<std::uint32_t>(k >> 32);

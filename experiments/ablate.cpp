@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -17,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "analysis/ablation_report.h"
+#include "core/collective.h"
 #include "experiments/child_process.h"
 #include "experiments/run_lock.h"
 
@@ -158,18 +160,26 @@ int run_ablate(const AblateOptions& o) {
     if (t != "none" && t != "a" && t != "e" && t != "ae")
       throw std::invalid_argument("--outlier-tiling: '" + t + "' is not one of none, a, e, ae");
   }
+  const SingleProcess one_process;
+  const Collective& comm = o.comm ? *o.comm : one_process;
   const json settings = sweep_settings(o.train);
-  const RunLock lock(o.out, "intrain ablate");
-  pin_settings(o.out, settings);
   const fs::path cells_dir = o.out / "cells";
-  fs::create_directories(cells_dir);
+  std::optional<RunLock> lock;
+  if (comm.rank() == 0) {
+    lock.emplace(o.out, "intrain ablate");
+    pin_settings(o.out, settings);
+    fs::create_directories(cells_dir);
+  }
+  comm.barrier();  // the other ranks start once --out is checked and pinned
   const std::vector<AblationCell> grid = ablation_grid(o);
 
   if (!o.report_only) {
     // Cells still to run: no summary.json; failed ones only with --retry-failed.
     std::vector<AblationCell> pending;
     int skipped = 0;
-    for (const AblationCell& c : grid) {
+    for (std::size_t i = 0; i < grid.size(); ++i) {
+      const AblationCell& c = grid[i];
+      if (static_cast<int>(i % static_cast<std::size_t>(comm.size())) != comm.rank()) continue;  // another rank's
       const fs::path d = cells_dir / c.name();
       if (fs::exists(d / "summary.json") || (fs::exists(d / "failed.json") && !o.retry_failed)) {
         ++skipped;
@@ -177,8 +187,10 @@ int run_ablate(const AblateOptions& o) {
       }
       pending.push_back(c);
     }
-    std::fprintf(stderr, "ablate: %zu cells, %d already finished, %zu to run (%d at a time)\n", grid.size(), skipped,
-                 pending.size(), o.jobs);
+    const std::string who = comm.size() > 1 ? "ablate[rank " + std::to_string(comm.rank()) + "]" : "ablate";
+    const std::string share = comm.size() > 1 ? " of this rank (" + std::to_string(grid.size()) + " in all)" : "";
+    std::fprintf(stderr, "%s: %zu cells%s, %d already finished, %zu to run (%d at a time)\n", who.c_str(),
+                 pending.size() + static_cast<std::size_t>(skipped), share.c_str(), skipped, pending.size(), o.jobs);
     const fs::path exe = self_exe();
     const int threads = o.train.threads > 0 ? o.train.threads : (o.jobs > 1 ? 1 : 0);
     std::map<pid_t, AblationCell> running;
@@ -207,17 +219,19 @@ int run_ablate(const AblateOptions& o) {
                                                     : last_line(cells_dir / (c.name() + ".log"));
         fs::create_directories(d);
         write_text_atomically(d / "failed.json", json{{"message", msg}, {"status", status}}.dump(2) + "\n");
-        std::fprintf(stderr, "ablate: [%zu/%zu] %s FAILED: %s\n", finished, pending.size(), c.name().c_str(), msg.c_str());
+        std::fprintf(stderr, "%s: [%zu/%zu] %s FAILED: %s\n", who.c_str(), finished, pending.size(), c.name().c_str(), msg.c_str());
       } else {
         std::ifstream in(d / "summary.json");
         const json s = json::parse(in);
-        std::fprintf(stderr, "ablate: [%zu/%zu] %s  val %.4f  %.0f tok/s  %.0f s\n", finished, pending.size(),
+        std::fprintf(stderr, "%s: [%zu/%zu] %s  val %.4f  %.0f tok/s  %.0f s\n", who.c_str(), finished, pending.size(),
                      c.name().c_str(), s.value("final_val_loss", 0.0), s.value("tokens_per_s", 0.0),
                      s.value("wall_s", 0.0));
       }
     }
   }
 
+  comm.barrier();  // every rank's cells are done
+  if (comm.rank() != 0) return 0;
   std::vector<CellResult> results;
   int failed = 0;
   for (const AblationCell& c : grid) {

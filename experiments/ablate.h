@@ -42,6 +42,9 @@ struct AblateOptions {
   bool retry_failed = false;
   bool report_only = false;    // rebuild the report from the cells present; run nothing
   bool plots = true;           // run analysis/plot_ablation.py if python3 + matplotlib are present
+  // Sharded sweep (`mpirun -np N intrain ablate`): rank r runs the cells whose
+  // grid index i has i % N == r; rank 0 writes the report once all are done.
+  const Collective* comm = nullptr;
 };
 
 // The settings of `--quick`: a small model and grid that finishes in minutes on 2 cores.

@@ -38,8 +38,16 @@ pid_t spawn(const fs::path& exe, const std::vector<std::string>& args, const fs:
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
   posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
+  // A child is one process even when this one is an MPI rank: it must not
+  // join (or start) an MPI world of its own (core/collective.h).
+  std::string single = "INTRAIN_SINGLE_PROCESS=1";
+  std::vector<char*> env;
+  for (char** e = environ; *e; ++e)
+    if (std::strncmp(*e, "INTRAIN_SINGLE_PROCESS=", 23) != 0) env.push_back(*e);
+  env.push_back(single.data());
+  env.push_back(nullptr);
   pid_t pid = 0;
-  const int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv.data(), environ);
+  const int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv.data(), env.data());
   posix_spawn_file_actions_destroy(&fa);
   if (rc != 0) throw std::runtime_error("cannot start " + exe.string() + ": " + std::strerror(rc));
   return pid;

@@ -15,7 +15,8 @@ namespace intrain {
 // This program's path (/proc/self/exe).
 std::filesystem::path self_exe();
 
-// Starts `exe args...` with stdout and stderr appended to `log`.
+// Starts `exe args...` with stdout and stderr appended to `log`, and with
+// INTRAIN_SINGLE_PROCESS=1 (the child never joins this process's MPI run).
 pid_t spawn(const std::filesystem::path& exe, const std::vector<std::string>& args, const std::filesystem::path& log);
 
 // The last non-empty line of a log: the error message of a failed child.

@@ -6,6 +6,7 @@
 #include <iostream>
 #include <string>
 
+#include "core/collective.h"
 #include "experiments/ablate.h"
 #include "experiments/bound.h"
 #include "experiments/evaluate.h"
@@ -244,12 +245,29 @@ int main(int argc, char** argv) {
   int21->add_flag("!--no-plots", rp.plots, "Do not run the plotting script");
 
   CLI11_PARSE(app, argc, argv);
+  // Under mpirun every rank parses the same flags, so a flag error ends all
+  // of them above, before MPI starts.
+  std::unique_ptr<intrain::Collective> comm;
   try {
+    comm = intrain::init_collective(&argc, &argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "intrain: error: %s\n", e.what());
+    return 1;
+  }
+  const bool parallel = comm->size() > 1;
+  try {
+    if (parallel && !*train && !*ablate) {
+      throw std::invalid_argument("intrain " + app.get_subcommands().front()->get_name() +
+                                  " runs in one process; under mpirun only `train` (data-parallel) and `ablate` "
+                                  "(sharded) run on several ranks (docs/distributed.md)");
+    }
+    tr.comm = ab.comm = comm.get();
     if (*selfcheck) return intrain::run_selfcheck(sc);
     if (*train) {
       if (!train_data.empty()) tr.data = train_data;
       const auto r = intrain::run_train(tr);
-      std::printf("%s: final train loss %.4f, validation loss %.4f (nats/byte), %.0f tokens/s, %.1f s\n",
+      if (comm->rank() == 0)
+        std::printf("%s: final train loss %.4f, validation loss %.4f (nats/byte), %.0f tokens/s, %.1f s\n",
                   tr.format.c_str(), r.final_train_loss, r.final_val_loss, r.tokens_per_s, r.wall_s);
       return 0;
     }
@@ -330,6 +348,15 @@ int main(int argc, char** argv) {
       return 0;
     }
   } catch (const std::exception& e) {
+    if (parallel) {
+      // The other ranks may be waiting in a collective: end them all rather than hang.
+      std::fprintf(stderr,
+                   "intrain: rank %d of %d: error: %s\nintrain: stopping every rank; the last checkpoint in --out "
+                   "(if any) resumes with --resume\n",
+                   comm->rank(), comm->size(), e.what());
+      std::fflush(stderr);
+      comm->abort(1);
+    }
     std::fprintf(stderr, "intrain: error: %s\n", e.what());
     return 1;
   }

@@ -10,10 +10,12 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
 
+#include "core/collective.h"
 #include "experiments/build_info.h"
 #include "experiments/checkpoint.h"
 #include "experiments/run_lock.h"
@@ -112,7 +114,6 @@ void write_json_atomically(const fs::path& p, const nlohmann::json& j) {
 
 TrainResult run_train(const TrainOptions& o) {
   const auto t_start = Clock::now();
-  if (o.threads > 0) omp_set_num_threads(o.threads);
   if (o.steps < 1) throw std::invalid_argument("--steps must be at least 1");
   if (o.batch < 1) throw std::invalid_argument("--batch must be at least 1");
   if (!(o.lr > 0.0)) throw std::invalid_argument("--lr must be positive");
@@ -121,15 +122,34 @@ TrainResult run_train(const TrainOptions& o) {
   if (prec.tiling.any() && prec.is_float()) throw std::invalid_argument("--outlier-tiling needs an integer --format");
   GPTConfig cfg{o.layers, o.heads, o.d_model, o.context, kVocabSize};
   cfg.validate();
+  const SingleProcess one_process;
+  const Collective& comm = o.comm ? *o.comm : one_process;
+  const int ranks = comm.size();
+  const bool writer = comm.rank() == 0;  // rank 0 alone writes --out
+  if (o.threads > 0) {
+    omp_set_num_threads(o.threads);
+  } else if (ranks > 1) {
+    omp_set_num_threads(threads_per_rank(comm));
+  }
+  if (o.batch % ranks != 0) {
+    throw std::invalid_argument("--batch " + std::to_string(o.batch) + " does not split evenly over " +
+                                std::to_string(ranks) + " ranks: use a multiple of " + std::to_string(ranks));
+  }
+  if (ranks > 1 && o.probe_every > 0) {
+    throw std::invalid_argument("--probe-every runs single-process only (the probe's micro-batches are not split "
+                                "over ranks); run it without mpirun");
+  }
 
   const Corpus corpus = Corpus::load(o.data, o.context + 1);
   const Metadata settings = run_settings(o, prec, corpus.name);
 
-  const RunLock lock(o.out, "intrain train");
+  std::optional<RunLock> lock;
+  if (writer) lock.emplace(o.out, "intrain train");
   const fs::path metrics_path = o.out / "metrics.csv", state_path = o.out / "train_state.safetensors";
   const fs::path model_path = o.out / "model.safetensors", summary_path = o.out / "summary.json";
 
   GPT model(cfg, prec, o.seed, static_cast<float>(o.init_std));
+  if (ranks > 1) model.set_batch_shard(&comm);
   long start = 0;
   if (o.resume) {
     if (!fs::exists(state_path)) {
@@ -146,35 +166,45 @@ TrainResult run_train(const TrainOptions& o) {
     }
     start = std::stol(saved.at("step"));
     model.refresh_values(static_cast<std::uint64_t>(start), o.seed);
-    if (fs::exists(metrics_path)) truncate_metrics(metrics_path, start);
-  } else if (fs::exists(metrics_path) || fs::exists(state_path)) {
-    if (!o.overwrite) {
-      throw std::runtime_error(o.out.string() +
-                               " already holds a run: pass --resume to continue it, --overwrite to replace it, or "
-                               "choose another --out");
-    }
-    for (const fs::path& p : {metrics_path, state_path, model_path, summary_path, o.out / "probe.csv", o.out / "bound.csv"})
-      fs::remove(p);
+  } else if ((fs::exists(metrics_path) || fs::exists(state_path)) && !o.overwrite) {
+    throw std::runtime_error(o.out.string() +
+                             " already holds a run: pass --resume to continue it, --overwrite to replace it, or "
+                             "choose another --out");
   }
-  if (o.save_init && start == 0) save_model(o.out / "init.safetensors", model, {{"step", "0"}, {"commit", build_commit()}});
-  std::ofstream metrics(metrics_path, std::ios::app);
-  metrics.precision(9);
-  if (start == 0) metrics << "step,train_loss,val_loss,lr,tokens_per_s,saturated_fraction,outlier_fraction\n";
+  // Every rank has read --out; only now may rank 0 change it.
+  comm.barrier();
+  std::ofstream metrics;
+  if (writer) {
+    if (o.resume && fs::exists(metrics_path)) truncate_metrics(metrics_path, start);
+    if (!o.resume) {
+      for (const fs::path& p :
+           {metrics_path, state_path, model_path, summary_path, o.out / "probe.csv", o.out / "bound.csv"})
+        fs::remove(p);
+    }
+    if (o.save_init && start == 0) save_model(o.out / "init.safetensors", model, {{"step", "0"}, {"commit", build_commit()}});
+    metrics.open(metrics_path, std::ios::app);
+    metrics.precision(9);
+    if (start == 0) metrics << "step,train_loss,val_loss,lr,tokens_per_s,saturated_fraction,outlier_fraction\n";
+  }
 
   Sgd opt(SgdConfig{o.momentum, o.weight_decay});
   const LrSchedule sched{o.lr, o.warmup, o.steps, o.final_lr_fraction};
   const int B = o.batch, T = o.context;
+  const int B_local = B / ranks;  // this rank's rows of each global batch
+  const std::size_t slice = static_cast<std::size_t>(comm.rank()) * B_local * T;
   if (o.probe_every < 0) throw std::invalid_argument("--probe-every must be >= 0 (0: off)");
   std::optional<TrajectoryProbe> probe;  // the bound's constants from this run (docs/convergence.md §8)
   if (o.probe_every > 0) probe.emplace(o.out, prec, o.probe_every, o.probe_micro_batches, B, start);
   std::vector<std::int32_t> x(static_cast<std::size_t>(B) * T), y(x.size());
   std::vector<double> step_times;
-  const bool tty = isatty(STDERR_FILENO) && !o.quiet;
+  Collective::Traffic per_step;  // all-reduce traffic of the last step
+  const bool tty = writer && isatty(STDERR_FILENO) && !o.quiet;
   double last_train = 0.0, last_val = NAN;
   std::vector<double> recent;
   const std::int64_t nparams = model.num_parameters();
 
   auto checkpoint = [&](long next_step) {
+    if (!writer) return;
     metrics.flush();
     save_train_state(state_path, model, static_cast<std::uint64_t>(next_step), settings);
     save_model(model_path, model, {{"step", std::to_string(next_step)}, {"commit", build_commit()}});
@@ -183,15 +213,24 @@ TrainResult run_train(const TrainOptions& o) {
   for (long step = start; step < o.steps; ++step) {
     const auto t0 = Clock::now();
     sample_batch(corpus.train, o.seed, static_cast<std::uint64_t>(step), B, T, x.data(), y.data());
-    const double loss = model.forward(x.data(), y.data(), B, T, static_cast<std::uint64_t>(step), o.seed, true);
+    const Collective::Traffic before = comm.traffic();
+    // Equal slices: the global mean is the mean of the ranks' means.
+    const double loss =
+        comm.sum(model.forward(x.data() + slice, y.data() + slice, B_local, T, static_cast<std::uint64_t>(step), o.seed,
+                               true)) / ranks;
     if (!std::isfinite(loss)) {
       checkpoint(step);
       throw std::runtime_error("training diverged at step " + std::to_string(step) + " (loss " + std::to_string(loss) +
                                "); lower --lr. The state before this step is saved in " + o.out.string());
     }
     model.backward();
+    all_reduce_gradients(model.params(), comm);
     const double lr = sched.at(step);
-    const std::int64_t sat_fb = model.saturated(), cast_fb = model.elements_cast();
+    std::int64_t counts[2] = {model.saturated(), model.elements_cast()};
+    if (ranks > 1) comm.sum(std::span<std::int64_t>(counts));
+    per_step = {comm.traffic().bytes - before.bytes, comm.traffic().calls - before.calls,
+                comm.traffic().seconds - before.seconds};
+    const std::int64_t sat_fb = counts[0], cast_fb = counts[1];
     std::int64_t split_elements = 0;
     const std::int64_t outliers = model.outliers(&split_elements);
     if (probe && probe->due(step)) probe->before_update(model, x.data(), y.data(), B, T, step, o.seed, lr, loss);
@@ -216,10 +255,11 @@ TrainResult run_train(const TrainOptions& o) {
     }
     const double tps = static_cast<double>(B) * T / dt;
     const double sat_frac = static_cast<double>(sat_fb + sat_opt) / static_cast<double>(cast_fb + nparams);
-    metrics << step << ',' << loss << ',' << val_field << ',' << lr << ',' << tps << ',' << sat_frac << ','
+    if (writer)
+      metrics << step << ',' << loss << ',' << val_field << ',' << lr << ',' << tps << ',' << sat_frac << ','
             << (split_elements ? static_cast<double>(outliers) / static_cast<double>(split_elements) : 0.0) << '\n';
 
-    if (!o.quiet) {
+    if (!o.quiet && writer) {
       const double avg = std::accumulate(step_times.end() - std::min<long>(20, static_cast<long>(step_times.size())),
                                          step_times.end(), 0.0) /
                          std::min<double>(20, static_cast<double>(step_times.size()));
@@ -271,8 +311,16 @@ TrainResult run_train(const TrainOptions& o) {
                  {"final_eval_windows", o.final_eval_windows},
                  {"data", corpus.name},
                  {"resumed_from_step", start}};
+  j["ranks"] = ranks;
+  // Rank 0's all-reduce traffic in the last step (zeros for one process), and
+  // over the whole run (docs/distributed.md).
+  j["all_reduce"] = {{"bytes_per_step", per_step.bytes},
+                     {"calls_per_step", per_step.calls},
+                     {"last_step_s", per_step.seconds},
+                     {"total_s", comm.traffic().seconds},
+                     {"total_calls", comm.traffic().calls}};
   if (probe) j["probe"] = probe->finish(sched, o.steps, o.momentum, o.weight_decay);
-  write_json_atomically(summary_path, j);
+  if (writer) write_json_atomically(summary_path, j);
   return r;
 }
 

@@ -9,6 +9,8 @@
 
 namespace intrain {
 
+class Collective;
+
 struct TrainOptions {
   int layers = 4, d_model = 128, heads = 4, context = 128, batch = 16;
   long steps = 2000, warmup = 100;
@@ -33,6 +35,9 @@ struct TrainOptions {
   long probe_every = 0;       // estimate the bound's constants every N steps and evaluate it (0: off;
                               // experiments/trajectory_probe.h)
   int probe_micro_batches = 4;  // micro-batches per probe (their gcd with --batch is used)
+  // Data-parallel run (docs/distributed.md): the ranks split --batch evenly;
+  // rank 0 alone writes --out. Null: one process.
+  const Collective* comm = nullptr;
 };
 
 struct TrainResult {

@@ -153,7 +153,19 @@ void GPT::freeze() {
   for (Param& p : params_) p.frozen = true;
 }
 
-RngKey GPT::key(std::uint64_t op) const { return RngKey(seed_, stream_id(step_, op)); }
+void GPT::set_batch_shard(const Collective* comm) {
+  if (comm && comm->size() > 1 && prec_.tiling.any()) {
+    throw std::invalid_argument("--outlier-tiling runs single-process only: its thresholds are statistics of the whole "
+                                "tensor (spread, percentile, top-k) that the ranks do not share; run without mpirun");
+  }
+  batch_shard_ = comm;
+}
+
+RngKey GPT::key(std::uint64_t op) const {
+  RngKey k(seed_, stream_id(step_, op));
+  if (sliced_pass_) k.batch_shard = batch_shard_;
+  return k;
+}
 
 void GPT::note(const Tensor& t) {
   saturated_ += t.saturated();
@@ -336,6 +348,7 @@ double GPT::forward(const std::int32_t* tokens, const std::int32_t* targets, std
   }
   step_ = step;
   seed_ = seed;
+  sliced_pass_ = train && batch_shard_ && batch_shard_->size() > 1;
   B_ = B;
   T_ = T;
   saturated_ = 0;

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/collective.h"
 #include "core/ops.h"
 #include "core/precision.h"
 #include "layers/linear.h"
@@ -60,6 +61,16 @@ class GPT {
   // The same from a given gradient of the loss w.r.t. logits() [B*T, V], in
   // the run's E format (or fp32).
   void backward(Tensor dlogits);
+  // Data-parallel training (docs/distributed.md): from now on the `tokens` of
+  // a training forward are this rank's slice of a global batch split evenly
+  // over `comm`, and every op of the pass rounds and scales as the
+  // single-process pass over the global batch would (core/collective.h).
+  // Evaluation passes (train = false) stay local. Gradients are the local
+  // sums; the caller all-reduces them. `comm` must outlive the model's use.
+  // Throws std::invalid_argument for outlier tiling on more than one rank
+  // (its thresholds come from whole-tensor statistics that are not all-reduced).
+  void set_batch_shard(const Collective* comm);
+
   // Freezes every parameter of the model (LoRA/LREC: only adapters train).
   // Frozen weights take no gradient, and the tied head's dW is not computed.
   void freeze();
@@ -120,6 +131,8 @@ class GPT {
 
   // State of the current pass.
   std::uint64_t step_ = 0, seed_ = 0;
+  const Collective* batch_shard_ = nullptr;
+  bool sliced_pass_ = false;  // the current pass is a batch slice
   std::int64_t B_ = 0, T_ = 0;
   std::vector<std::int32_t> tokens_;
   LayerNormCache lnf_;

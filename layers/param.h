@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "core/collective.h"
 #include "core/tensor.h"
 
 namespace intrain {
@@ -37,5 +38,16 @@ struct Param {
   void accumulate(Tensor g);
   void zero_grad() { has_grad = false; grad = Tensor(); }
 };
+
+// Data-parallel training: replaces every gradient by its sum over the ranks
+// of `comm` (a no-op for one rank). Integer gradients are exact accumulators,
+// so the sum is exact and order-free: each rank's mantissas are brought to the
+// finest exponent any rank has (exact left shifts), and a parameter whose
+// sum over the ranks fits in 31 bits travels as int32, any other as int64
+// (in int8 runs only the LayerNorm gains need int64). A sum that could leave int64 throws
+// std::overflow_error naming the parameter, before anything is sent. Float
+// gradients are summed in float (MPI's order: not bit-exact).
+// Returns the payload bytes this rank sent.
+std::int64_t all_reduce_gradients(std::vector<Param>& params, const Collective& comm);
 
 }  // namespace intrain

@@ -70,9 +70,10 @@ inline TrainOptions tiny_train_options(const fs::path& out, const std::string& f
   return o;
 }
 
-// The CLI, run as a child process with its output captured.
-inline int run_cli(const std::string& args, std::string* output) {
-  const std::string cmd = std::string(INTRAIN_BINARY_DIR) + "/intrain " + args + " 2>&1";
+// A shell command, run with its output (stdout and stderr) captured; returns
+// its exit status (-1 if it did not exit normally).
+inline int run_command(const std::string& shell_command, std::string* output) {
+  const std::string cmd = shell_command + " 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
   std::string out;
   char buf[512];
@@ -80,6 +81,11 @@ inline int run_cli(const std::string& args, std::string* output) {
   const int status = p ? ::pclose(p) : -1;
   if (output) *output = out;
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// The CLI, run as a child process with its output captured.
+inline int run_cli(const std::string& args, std::string* output) {
+  return run_command(std::string(INTRAIN_BINARY_DIR) + "/intrain " + args, output);
 }
 
 }  // namespace intrain::testing
