@@ -15,9 +15,11 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "core/collective.h"
+#include "layers/param.h"
 #include "run_support.h"
 
 namespace intrain {
@@ -70,6 +72,93 @@ void expect_same_checkpoint(const fs::path& a, const fs::path& b, const std::str
     EXPECT_TRUE(file_bytes(a / f) == file_bytes(b / f)) << what << ": " << f << " differs";
   }
 }
+
+// ---- the gradient all-reduce, in one process ------------------------------
+
+// N ranks that all hold this rank's data: a sum is N times the value, a
+// maximum the value itself. Enough to test the all-reduce's arithmetic and
+// its overflow guard without MPI.
+class MirroredRanks final : public Collective {
+ public:
+  explicit MirroredRanks(int n) : n_(n) {}
+  int rank() const override { return 0; }
+  int size() const override { return n_; }
+  int node_size() const override { return n_; }
+  void max(std::span<std::uint64_t>) const override {}
+  void max(std::span<std::int64_t>) const override {}
+  void sum(std::span<std::int64_t> v) const override { scale(v); }
+  void sum(std::span<std::int32_t> v) const override { scale(v); }
+  void sum(std::span<float> v) const override { scale(v); }
+  void sum(std::span<double> v) const override { scale(v); }
+  void barrier() const override {}
+  [[noreturn]] void abort(int) const override { std::abort(); }
+  using Collective::max;
+  using Collective::sum;
+
+  mutable int int32_words = 0, int64_words = 0;
+
+ private:
+  template <class T>
+  void scale(std::span<T> v) const {
+    if constexpr (std::is_same_v<T, std::int32_t>) int32_words += static_cast<int>(v.size());
+    if constexpr (std::is_same_v<T, std::int64_t>) int64_words += static_cast<int>(v.size());
+    for (T& x : v) x = static_cast<T>(x * n_);
+  }
+  int n_;
+};
+
+Param with_grad(const std::string& name, Tensor g) {
+  Param p;
+  p.name = name;
+  p.grad = std::move(g);
+  p.has_grad = true;
+  return p;
+}
+
+TEST(AllReduceGradients, SumsExactlyAndPicksTheWordPerParameter) {
+  std::vector<Param> ps;
+  Tensor small({3}, Format::accumulator(32), -7);
+  small.data<std::int32_t>()[0] = -5;
+  small.data<std::int32_t>()[1] = (1 << 20) + 3;
+  small.data<std::int32_t>()[2] = 0;
+  Tensor big({2}, Format::accumulator(64), 4);
+  big.data<std::int64_t>()[0] = std::int64_t{1} << 40;
+  big.data<std::int64_t>()[1] = -((std::int64_t{1} << 40) + 1);
+  ps.push_back(with_grad("small", small));
+  ps.push_back(with_grad("big", big));
+  const MirroredRanks three(3);
+  const std::int64_t bytes = all_reduce_gradients(ps, three);
+  // 21 bits + ceil(log2 3) = 23 <= 31: int32; 41 + 2 = 43 bits: int64.
+  EXPECT_EQ(three.int32_words, 3);
+  EXPECT_EQ(three.int64_words, 2);
+  EXPECT_EQ(bytes, 3 * 4 + 2 * 8);
+  ASSERT_EQ(ps[0].grad.dtype(), DType::I64);
+  EXPECT_EQ(ps[0].grad.exponent(), -7);  // the single-process exponent is kept
+  EXPECT_EQ(ps[0].grad.data<std::int64_t>()[0], -15);
+  EXPECT_EQ(ps[0].grad.data<std::int64_t>()[1], 3 * ((1 << 20) + 3));
+  EXPECT_EQ(ps[0].grad.data<std::int64_t>()[2], 0);
+  EXPECT_EQ(ps[1].grad.exponent(), 4);
+  EXPECT_EQ(ps[1].grad.data<std::int64_t>()[1], -3 * ((std::int64_t{1} << 40) + 1));
+}
+
+TEST(AllReduceGradients, RefusesASumThatCouldLeaveInt64) {
+  std::vector<Param> ps;
+  Tensor g({1}, Format::accumulator(64), 0);
+  g.data<std::int64_t>()[0] = (std::int64_t{1} << 62) - 1;  // 62 bits
+  ps.push_back(with_grad("h.0.mlp.c_fc.weight", g));
+  // 62 bits + 1 for two ranks = 63: still fits.
+  EXPECT_NO_THROW(all_reduce_gradients(ps, MirroredRanks(2)));
+  ps[0].grad = g;
+  try {
+    all_reduce_gradients(ps, MirroredRanks(3));  // 62 + 2 = 64 bits
+    FAIL() << "no overflow error";
+  } catch (const std::overflow_error& e) {
+    EXPECT_NE(std::string(e.what()).find("h.0.mlp.c_fc.weight"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(ps[0].grad.data<std::int64_t>()[0], (std::int64_t{1} << 62) - 1) << "the refused sum changed the gradient";
+}
+
+// ---- through mpirun -------------------------------------------------------
 
 TEST(Distributed, TwoRankIntegerRunsWriteTheSingleProcessCheckpoint) {
   SKIP_WITHOUT_MPI();
