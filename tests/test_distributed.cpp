@@ -43,9 +43,17 @@ std::string find_mpirun() {
 
 // `mpirun -np N` with the flags CI needs: --oversubscribe (more ranks than
 // cores) and, in a container that runs as root, OpenMPI's explicit consent.
+// Under the sanitizer build the ranks keep ASan's and UBSan's checks but not
+// LeakSanitizer's: OpenMPI's plugins leak at MPI_Finalize and are unloaded
+// before the report, so their stacks cannot be suppressed by name. The same
+// code of ours is leak-checked by the single-process runs of every suite.
 std::string mpirun_prefix(int ranks) {
-  return "env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 " + find_mpirun() + " --oversubscribe -np " +
-         std::to_string(ranks) + " ";
+  std::string env = "env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 ";
+#ifdef INTRAIN_SANITIZE
+  const char* asan = std::getenv("ASAN_OPTIONS");
+  env += "ASAN_OPTIONS=" + std::string(asan ? asan : "") + (asan && *asan ? ":" : "") + "detect_leaks=0 ";
+#endif
+  return env + find_mpirun() + " --oversubscribe -np " + std::to_string(ranks) + " ";
 }
 
 #define SKIP_WITHOUT_MPI()                                                                                    \
@@ -217,7 +225,7 @@ TEST(Distributed, UnevenBatchIsRefusedOnEveryRank) {
 TEST(Distributed, KilledRankEndsTheRunAndTheCheckpointResumes) {
   SKIP_WITHOUT_MPI();
   const fs::path dir = fresh_dir("mpi_kill");
-  const long steps = 3000;
+  const long steps = 1000;  // long enough that the kill, after the first checkpoint, comes mid-run
   std::string out;
   ASSERT_EQ(run_cli(train_flags(dir / "whole", "int8", steps), &out), 0) << out;
 
