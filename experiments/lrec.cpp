@@ -175,7 +175,15 @@ nlohmann::json run_lrec(const LrecOptions& o) {
   GPT teacher = load_model(o.teacher, "fp32", Rounding::Nearest);
   for (const Param& p : teacher.params())
     if (p.master.empty()) throw std::invalid_argument("--teacher " + o.teacher.string() + " is a quantized model; give the float checkpoint");
-  GPT student = load_model(o.quantized, o.format, parse_rounding(o.rounding));
+  if (o.adapter_format != "int" && o.adapter_format != "fp32") {
+    throw std::invalid_argument("--adapter-format: '" + o.adapter_format + "' is not one of int, fp32");
+  }
+  if (o.adapter_format == "fp32" && o.format != "int8" && o.format != "fp32") {
+    throw std::invalid_argument("--adapter-format fp32 trains the float reference, which has no integer --format; "
+                                "drop --format " + o.format);
+  }
+  const std::string student_format = o.adapter_format == "fp32" ? "fp32" : o.format;
+  GPT student = load_model(o.quantized, student_format, parse_rounding(o.rounding));
   const GPTConfig &tc = teacher.config(), &sc = student.config();
   if (tc.n_layer != sc.n_layer || tc.n_embd != sc.n_embd || tc.n_head != sc.n_head || tc.n_ctx != sc.n_ctx) {
     throw std::invalid_argument("--quantized " + o.quantized.string() + " does not have the teacher's configuration; quantize " +
@@ -267,7 +275,8 @@ nlohmann::json run_lrec(const LrecOptions& o) {
                  {"alpha", o.alpha},              {"steps", o.steps},                  {"batch", o.batch},
                  {"lr", o.lr},                    {"momentum", o.momentum},            {"warmup", o.warmup},
                  {"ce_weight", o.ce_weight},      {"format", prec.name()},             {"seed", o.seed},
-                 {"targets", o.targets},          {"data", corpus.name},               {"commit", build_commit()}};
+                 {"targets", o.targets},          {"data", corpus.name},               {"commit", build_commit()},
+                 {"adapter_format", o.adapter_format}};
   const fs::path tmp = summary_path.string() + ".tmp";
   {
     std::ofstream out(tmp);

@@ -52,6 +52,10 @@ struct LrecOptions {
   long warmup = 20;
   double ce_weight = 0.06;  // per-token CE weight beside the per-token KL
   std::string format = "int8";  // the student's (and its adapters') formats
+  // "int": the adapters train in --format (the integer engine); "fp32": the
+  // float reference in the same engine: the student's activations, errors and
+  // adapters in fp32 on the same packed base, same data, steps and seed.
+  std::string adapter_format = "int";
   std::string rounding = "stochastic";
   std::optional<std::filesystem::path> data;
   std::uint64_t seed = 1;

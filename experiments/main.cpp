@@ -202,6 +202,10 @@ int main(int argc, char** argv) {
   lrec->add_option("--ce-weight", lr.ce_weight, "Weight of the per-token cross-entropy beside the per-token KL")
       ->check(CLI::NonNegativeNumber);
   add_format_flags(lrec, lr.format, lr.rounding);
+  lrec->add_option("--adapter-format", lr.adapter_format,
+                   "int: train the adapters in --format (integer engine); fp32: the float LoRA reference on the same "
+                   "packed base (activations, errors and adapters in fp32)")
+      ->check(CLI::IsMember({"int", "fp32"}));
   lrec->add_option("--data", lrec_data, "Text file (default: the KJV); training uses its train split only");
   lrec->add_option("--seed", lr.seed, "Seed of the adapters' initialisation, the batches and the rounding");
   lrec->add_option("--eval-windows", lr.eval_windows, "Validation windows of the before/after evaluation (0: all)")
@@ -233,6 +237,9 @@ int main(int argc, char** argv) {
   int21->add_option("--alpha", rp.alpha, "LoRA alpha at --rank (default 4 x rank; the sweep keeps alpha / rank)")
       ->check(CLI::PositiveNumber);
   int21->add_option("--sweep-ranks", rp.sweep_ranks, "Ranks of the INT2 rank sweep, comma separated")->delimiter(',');
+  int21->add_option("--reference-bits", rp.reference_bits,
+                    "Bit widths that also get a float-LoRA and a KL-only run (GPTQ), comma separated")
+      ->delimiter(',');
   int21->add_option("--lrec-steps", rp.lrec_steps, "LREC steps per run")->check(CLI::Range(1L, 100000000L));
   int21->add_option("--batch", rp.batch, "Sequences per step (teacher, LREC, memory runs)")->check(CLI::Range(1, 4096));
   int21->add_option("--lr", rp.lr, "LREC learning rate")->check(CLI::PositiveNumber);

@@ -116,6 +116,8 @@ json row_from(const json& lrec, const std::string& method, int bits, int rank) {
             {"kl_lrec", a["kl_mean"]},
             {"top1_quantized", b["top1"]},
             {"top1_lrec", a["top1"]},
+            {"top5_lrec", a["top5"]},
+            {"kld_p99_lrec", a["kl_p99"]},
             {"effective_bits", lrec["bits"]["effective_bits"]},
             {"packed_bits", lrec["bits"]["packed_bits_per_weight"]},
             {"peak_rss_mib", lrec["memory"]["peak_rss_mib"]},
@@ -124,6 +126,30 @@ json row_from(const json& lrec, const std::string& method, int bits, int rank) {
   const double kq = b["kl_mean"], kl = a["kl_mean"];
   r["kl_reduction"] = kq > 0 ? 1.0 - kl / kq : NAN;
   return r;
+}
+
+// The float-LoRA and KL-only runs beside an LREC run (docs/fidelity.md), if
+// they exist. Each reduction is against its own run's quantized starting point
+// (the float reference evaluates the quantized model in fp32).
+void add_references(json& row, const fs::path& lrec_dir) {
+  const json fl = read_json(lrec_dir.string() + "-float-lora/summary.json");
+  if (!fl.is_null()) {
+    const double kq = fl["before"]["kl_mean"], kl = fl["after"]["kl_mean"];
+    row["kl_quantized_float_lora"] = kq;
+    row["kl_lrec_float_lora"] = kl;
+    row["kl_reduction_float_lora"] = kq > 0 ? 1.0 - kl / kq : NAN;
+    row["top1_lrec_float_lora"] = fl["after"]["top1"];
+    row["ppl_lrec_float_lora"] = fl["after"]["perplexity"];
+    row["effective_bits_float_lora"] = fl["bits"]["effective_bits"];
+    const double ri = row["kl_reduction"], rf = row["kl_reduction_float_lora"];
+    row["kl_reduction_int_over_float"] = rf > 0 ? ri / rf : NAN;
+  }
+  const json ko = read_json(lrec_dir.string() + "-kl-only/summary.json");
+  if (!ko.is_null()) {
+    row["kl_lrec_kl_only"] = ko["after"]["kl_mean"];
+    row["ppl_lrec_kl_only"] = ko["after"]["perplexity"];
+    row["top1_lrec_kl_only"] = ko["after"]["top1"];
+  }
 }
 
 std::string fmt(const json& v, int prec = 3) {
@@ -152,6 +178,26 @@ std::string markdown(const json& report) {
       << fmt(r["kl_quantized"], 4) << " | " << fmt(r["kl_lrec"], 4) << " | " << fmt(r["kl_reduction"], 2) << " | "
       << fmt(r["top1_quantized"]) << " | " << fmt(r["top1_lrec"]) << " | " << fmt(r["effective_bits"]) << " | "
       << fmt(r["peak_rss_mib"], 0) << " |\n";
+  }
+  bool references = false;
+  for (const json& r : report["rows"]) references |= r.contains("kl_lrec_float_lora") || r.contains("kl_lrec_kl_only");
+  if (references) {
+    m << "\n## Integer against float adapters, and the CE term\n\n"
+      << "Same quantized base, steps, data and seed. *Float LoRA*: the float reference in the same engine "
+      << "(`lrec --adapter-format fp32`); its KL reduction is against its own starting point, the quantized model "
+      << "evaluated in fp32. *KL only*: integer adapters trained with CE weight 0.\n\n";
+    m << "| bits | method | KL reduction int | KL reduction float LoRA | int / float | top-1 int | top-1 float LoRA | "
+         "eff. bits int | eff. bits float | ppl LREC | ppl KL only | KL LREC | KL KL-only | KL p99 LREC |\n";
+    m << "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    for (const json& r : report["rows"]) {
+      if (!r.contains("kl_lrec_float_lora") && !r.contains("kl_lrec_kl_only")) continue;
+      auto f = [&](const char* k, int p = 3) { return r.contains(k) ? fmt(r[k], p) : std::string("–"); };
+      m << "| " << r["bits"] << " | " << r["method"].get<std::string>() << " | " << f("kl_reduction", 3) << " | "
+        << f("kl_reduction_float_lora", 3) << " | " << f("kl_reduction_int_over_float", 2) << " | " << f("top1_lrec")
+        << " | " << f("top1_lrec_float_lora") << " | " << f("effective_bits") << " | " << f("effective_bits_float_lora")
+        << " | " << f("ppl_lrec") << " | " << f("ppl_lrec_kl_only") << " | " << f("kl_lrec", 4) << " | "
+        << f("kl_lrec_kl_only", 4) << " | " << f("kld_p99_lrec", 3) << " |\n";
+    }
   }
   if (!report["rank_sweep"].empty()) {
     m << "\n## Rank sweep at INT2 (" << report["rank_sweep"][0]["method"].get<std::string>() << ")\n\n";
@@ -239,13 +285,14 @@ int run_reproduce_int21(const ReproduceOptions& o) {
   const std::string sweep_method = std::find(o.methods.begin(), o.methods.end(), "gptq") != o.methods.end() ? "gptq" : o.methods[0];
   const int sweep_bits = o.bits[0];
   auto lrec_job = [&](const std::string& m, int b, int rank, const fs::path& dir, long steps, long eval_windows,
-                      const std::string& format) {
+                      const std::string& format, double ce_weight, const std::string& adapter_format) {
     const double alpha = o.alpha > 0.0 ? o.alpha / o.rank * rank : 4.0 * rank;
     return ChildJob{dir.filename().string(),
                     plus({"lrec", "--teacher", teacher.string(), "--quantized",
                           (o.out / "quantized" / (quantized_name(m, b) + ".safetensors")).string(), "--rank",
                           std::to_string(rank), "--alpha", s(alpha), "--steps", std::to_string(steps), "--batch",
-                          std::to_string(o.batch), "--lr", s(o.lr), "--ce-weight", s(o.ce_weight), "--format", format,
+                          std::to_string(o.batch), "--lr", s(o.lr), "--ce-weight", s(ce_weight), "--format", format,
+                          "--adapter-format", adapter_format,
                           "--eval-windows", std::to_string(eval_windows), "--seed", std::to_string(o.seed), "--quiet",
                           "--overwrite", "--out", dir.string()},
                          common(o, threads)),
@@ -254,17 +301,26 @@ int run_reproduce_int21(const ReproduceOptions& o) {
   jobs.clear();
   for (const std::string& m : o.methods)
     for (int b : o.bits)
-      jobs.push_back(lrec_job(m, b, o.rank, o.out / "lrec" / lrec_name(m, b, o.rank), o.lrec_steps, o.eval_windows, o.format));
+      jobs.push_back(lrec_job(m, b, o.rank, o.out / "lrec" / lrec_name(m, b, o.rank), o.lrec_steps, o.eval_windows,
+                              o.format, o.ce_weight, "int"));
+  for (int b : o.reference_bits) {
+    if (std::find(o.bits.begin(), o.bits.end(), b) == o.bits.end()) continue;
+    const std::string n = lrec_name(sweep_method, b, o.rank);
+    jobs.push_back(lrec_job(sweep_method, b, o.rank, o.out / "lrec" / (n + "-float-lora"), o.lrec_steps, o.eval_windows,
+                            "fp32", o.ce_weight, "fp32"));
+    jobs.push_back(lrec_job(sweep_method, b, o.rank, o.out / "lrec" / (n + "-kl-only"), o.lrec_steps, o.eval_windows,
+                            o.format, 0.0, "int"));
+  }
   for (int r : o.sweep_ranks)
     if (r != o.rank)
       jobs.push_back(lrec_job(sweep_method, sweep_bits, r, o.out / "lrec" / lrec_name(sweep_method, sweep_bits, r),
-                              o.lrec_steps, o.eval_windows, o.format));
+                              o.lrec_steps, o.eval_windows, o.format, o.ce_weight, "int"));
   // Memory: the same steps and evaluation in three processes, one at a time
   // below (peak RSS must not depend on what runs beside it; it does not, but
   // time does, and these are short).
   const fs::path mem = o.out / "memory";
-  jobs.push_back(lrec_job(sweep_method, sweep_bits, o.rank, mem / "int-lrec", o.memory_steps, 8, o.format));
-  jobs.push_back(lrec_job(sweep_method, sweep_bits, o.rank, mem / "fp32-lora", o.memory_steps, 8, "fp32"));
+  jobs.push_back(lrec_job(sweep_method, sweep_bits, o.rank, mem / "int-lrec", o.memory_steps, 8, o.format, o.ce_weight, "int"));
+  jobs.push_back(lrec_job(sweep_method, sweep_bits, o.rank, mem / "fp32-lora", o.memory_steps, 8, "fp32", o.ce_weight, "fp32"));
   run(jobs);
   const json tsum = read_json(fs::path(teacher).parent_path() / "summary.json");
   if (!tsum.is_null() && tsum.contains("config")) {
@@ -293,6 +349,7 @@ int run_reproduce_int21(const ReproduceOptions& o) {
       const json l = read_json(o.out / "lrec" / lrec_name(m, b, o.rank) / "summary.json");
       if (l.is_null()) continue;
       json row = row_from(l, m, b, o.rank);
+      if (m == sweep_method) add_references(row, o.out / "lrec" / lrec_name(m, b, o.rank));
       const json q = read_json(o.out / "quantized" / (quantized_name(m, b) + ".safetensors.json"));
       if (!q.is_null()) row["quantize_seconds"] = q["seconds"];
       report["ppl_float"] = row["ppl_float"];

@@ -44,6 +44,10 @@ struct ReproduceOptions {
   double lr = 0.5;
   double ce_weight = 0.06;
   std::string format = "int8";
+  // Bit widths that also get the two references of docs/fidelity.md, for the
+  // rank-sweep method (GPTQ): the float LoRA (`lrec --adapter-format fp32`) and
+  // a KL-only run (--ce-weight 0), both at the same steps, data and seed.
+  std::vector<int> reference_bits{2, 4};
   long eval_windows = 0;   // 0: the whole validation split
   long memory_steps = 10;  // steps of each memory-comparison run
   int jobs = 1;

@@ -190,6 +190,30 @@ TEST(LoraLinear, StartsAsExactlyItsBase) {
   }
 }
 
+// The float LoRA reference (lrec --adapter-format fp32) and the integer
+// adapters of one seed start from the same numbers, bit for bit: the float
+// master holds exactly the values of the integer master's 2^-24 grid.
+TEST(LoraLinear, FloatAndIntegerAdaptersStartFromTheSameValues) {
+  const std::int64_t K = 48, N = 20, r = 4;
+  const Precision pf = Precision::parse("fp32"), pi = Precision::parse("int8");
+  Base bf(K, N, pf), bi(K, N, pi);
+  LoraLinear lf = make_lora(bf, K, N, r, 16.0, pf), li = make_lora(bi, K, N, r, 16.0, pi);
+  for (int which = 0; which < 2; ++which) {
+    const Tensor& mf = lf.params()[static_cast<std::size_t>(which)]->master;
+    const Tensor& mi = li.params()[static_cast<std::size_t>(which)]->master;
+    ASSERT_EQ(mf.numel(), mi.numel());
+    ASSERT_TRUE(mf.format().is_float());
+    ASSERT_FALSE(mi.format().is_float());
+    const std::vector<float> vi = dequantize(mi);
+    bool nonzero = false;
+    for (std::int64_t i = 0; i < mf.numel(); ++i) {
+      ASSERT_EQ(mf.data<float>()[i], vi[static_cast<std::size_t>(i)]) << (which ? "B" : "A") << " " << i;
+      nonzero |= vi[static_cast<std::size_t>(i)] != 0.0f;
+    }
+    EXPECT_EQ(nonzero, which == 0) << "A is random, B starts at zero";
+  }
+}
+
 // Float mode: forward and backward equal the formulas in double.
 TEST(LoraLinear, FloatForwardAndBackwardMatchTheFormulas) {
   const std::int64_t R = 5, K = 12, N = 7, r = 3;

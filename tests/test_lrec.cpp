@@ -106,8 +106,19 @@ TEST(ReproduceCli, WritesTheTableAndResumesWithoutRecomputing) {
   ASSERT_EQ(r["rows"].size(), 2u);
   for (const json& row : r["rows"]) {
     for (const char* k : {"bits", "method", "ppl_quantized", "ppl_lrec", "ppl_float", "kl_quantized", "kl_lrec",
-                          "top1_quantized", "top1_lrec", "effective_bits", "peak_rss_mib"})
+                          "top1_quantized", "top1_lrec", "effective_bits", "peak_rss_mib",
+                          // the float-LoRA and KL-only references (docs/fidelity.md), named as the issue asks
+                          "kl_lrec_float_lora", "kl_lrec_kl_only", "kl_reduction", "kl_reduction_float_lora",
+                          "top1_lrec_float_lora", "top5_lrec", "kld_p99_lrec", "ppl_lrec_kl_only"})
       EXPECT_TRUE(row.contains(k)) << k;
+    // The references really are other runs: a float student, and CE weight 0.
+    const std::string n = "rtn-int" + row["bits"].dump() + "-r1";
+    const json fl = read(out / "lrec" / (n + "-float-lora") / "summary.json");
+    const json ko = read(out / "lrec" / (n + "-kl-only") / "summary.json");
+    EXPECT_EQ(fl["config"]["adapter_format"], "fp32");
+    EXPECT_EQ(fl["config"]["format"], "fp32");
+    EXPECT_EQ(ko["config"]["ce_weight"].get<double>(), 0.0);
+    EXPECT_NE(row["kl_lrec_kl_only"].get<double>(), row["kl_lrec"].get<double>());
   }
   EXPECT_EQ(r["rank_sweep"].size(), 2u);  // ranks 1 (the table's) and 2
   EXPECT_TRUE(r.contains("memory"));
