@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <numeric>
 #include <stdexcept>
 
@@ -138,6 +139,10 @@ nlohmann::json memory_breakdown(GPT& student, GPT& teacher, const std::vector<Lo
 
 // Effective bits per quantized base weight: (packed codes + scales + zeros +
 // stored adapter bits) / base weights.
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 nlohmann::json effective_bits(GPT& student, const std::vector<LoraLinear*>& lora, int adapter_bits) {
   double base_weights = 0.0, packed_bits = 0.0, lora_bits = 0.0;
   student.for_each_linear([&](const std::string&, std::unique_ptr<LinearLayer>& slot) {
@@ -154,10 +159,37 @@ nlohmann::json effective_bits(GPT& student, const std::vector<LoraLinear*>& lora
   return {{"packed_bits_per_weight", packed_bits / base_weights},
           {"adapter_bits_per_weight", lora_bits / base_weights},
           {"effective_bits", (packed_bits + lora_bits) / base_weights},
-          {"adapter_storage_bits", adapter_bits}};
+          {"adapter_storage_bits", adapter_bits},
+          {"base_weights", base_weights}};
 }
 
 }  // namespace
+
+nlohmann::json storage_breakdown(const fs::path& model, double base_weights) {
+  const SafeTensorsFile f = read_safetensors(model);
+  std::map<std::string, std::int64_t> bytes;
+  for (const char* c : {"packed_codes", "scales_and_zeros", "adapters", "embeddings", "norms", "biases", "other"}) bytes[c] = 0;
+  std::int64_t data = 0;
+  for (const auto& [name, t] : f.tensors) {
+    const auto n = static_cast<std::int64_t>(t.data.size());
+    data += n;
+    const std::string c = ends_with(name, ".qweight")                                     ? "packed_codes"
+                          : ends_with(name, ".scales") || ends_with(name, ".qzeros")        ? "scales_and_zeros"
+                          : ends_with(name, ".lora_A") || ends_with(name, ".lora_B")        ? "adapters"
+                          : name == "wte.weight" || name == "wpe.weight"                    ? "embeddings"
+                          : name.rfind("ln_", 0) == 0 || name.find(".ln_") != std::string::npos ? "norms"
+                          : ends_with(name, ".bias")                                         ? "biases"
+                                                                                             : "other";
+    bytes[c] += n;
+  }
+  const auto file_bytes = static_cast<std::int64_t>(fs::file_size(model));
+  nlohmann::json j = {{"bytes", bytes}, {"header_bytes", file_bytes - data}, {"file_bytes", file_bytes}};
+  if (base_weights > 0) {
+    for (const auto& [c, b] : bytes) j["bits_per_base_weight"][c] = 8.0 * static_cast<double>(b) / base_weights;
+    j["bits_per_base_weight"]["header"] = 8.0 * static_cast<double>(file_bytes - data) / base_weights;
+  }
+  return j;
+}
 
 nlohmann::json run_lrec(const LrecOptions& o) {
   const auto t_start = Clock::now();
@@ -264,6 +296,7 @@ nlohmann::json run_lrec(const LrecOptions& o) {
   j["final_train_kl"] = last_kl;
   j["final_train_ce"] = last_ce;
   j["bits"] = effective_bits(student, lora, adapter_bits);
+  j["storage"] = storage_breakdown(model_path, j["bits"]["base_weights"].get<double>());
   j["memory"] = memory_breakdown(student, teacher, lora, B, T);
   j["memory"]["peak_rss_mib_before_training"] = rss_before_training;
   j["memory"]["peak_rss_mib"] = rss_training;

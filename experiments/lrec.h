@@ -65,6 +65,15 @@ struct LrecOptions {
   bool quiet = false;
 };
 
+// Where the bytes of a model file go (docs/int21.md, "Effective bits"), by
+// tensor name: "packed_codes" (*.qweight), "scales_and_zeros" (*.scales,
+// *.qzeros), "adapters" (*.lora_A, *.lora_B), and what stays in float:
+// "embeddings" (wte, wpe; the head is tied to wte), "norms" (ln_*), "biases"
+// (*.bias), "other". Returns {"bytes": {category: bytes}, "header_bytes",
+// "file_bytes", and, per base weight (base_weights > 0), "bits_per_base_weight"}.
+// The categories and the header add up to the file size exactly.
+nlohmann::json storage_breakdown(const std::filesystem::path& model, double base_weights);
+
 // Trains the adapters, evaluates before and after, writes --out, and returns
 // summary.json's contents.
 nlohmann::json run_lrec(const LrecOptions& opt);

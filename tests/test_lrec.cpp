@@ -39,9 +39,9 @@ struct TinySetup {
               0)
         << out;
   }
-  std::string lrec_args(const fs::path& out) const {
+  std::string lrec_args(const fs::path& out, int steps = 40) const {
     return "lrec --teacher " + teacher.string() + " --quantized " + quantized.string() + " --data " +
-           testing::tiny_corpus().string() + " --rank 2 --steps 40 --batch 8 --lr 0.5 --eval-windows 16 --threads 1 --quiet --out " +
+           testing::tiny_corpus().string() + " --rank 2 --steps " + std::to_string(steps) + " --batch 8 --lr 0.5 --eval-windows 16 --threads 1 --quiet --out " +
            out.string();
   }
 };
@@ -73,6 +73,32 @@ TEST(LrecCli, LowersTheKlAndItsModelReloadsWithTheAdapters) {
   // A second run into the same folder refuses to overwrite it.
   EXPECT_NE(run_cli(s.lrec_args(out), &log), 0);
   EXPECT_NE(log.find("--overwrite"), std::string::npos) << log;
+}
+
+// The effective-bits breakdown accounts for every byte of the file LREC
+// writes: the categories plus the header are the file size exactly, and the
+// effective bits are the packed codes, scales, zeros and adapters (plus one
+// exponent byte per adapter tensor, kept in the header's metadata).
+TEST(LrecCli, EffectiveBitsAddUpToTheFileOnDisk) {
+  const TinySetup& s = setup();
+  const fs::path out = s.dir / "bits";
+  std::string log;
+  ASSERT_EQ(run_cli(s.lrec_args(out, 2), &log), 0) << log;
+  const json sum = read(out / "summary.json");
+  const json& st = sum["storage"];
+  std::int64_t total = st["header_bytes"].get<std::int64_t>();
+  for (const auto& [k, v] : st["bytes"].items()) total += v.get<std::int64_t>();
+  EXPECT_EQ(total, static_cast<std::int64_t>(fs::file_size(out / "model.safetensors")));
+  EXPECT_EQ(st["file_bytes"].get<std::int64_t>(), total);
+  EXPECT_GT(st["bytes"]["packed_codes"].get<std::int64_t>(), 0);
+  EXPECT_GT(st["bytes"]["adapters"].get<std::int64_t>(), 0);
+  EXPECT_EQ(st["bytes"]["other"].get<std::int64_t>(), 0) << "a tensor of no known kind: " << st.dump(1);
+  // 1 block x 4 linears x (A, B) adapter tensors, one exponent byte each.
+  const double n = sum["bits"]["base_weights"], adapter_exponents = 8.0 * 8;
+  const double counted = 8.0 * (st["bytes"]["packed_codes"].get<double>() + st["bytes"]["scales_and_zeros"].get<double>() +
+                                st["bytes"]["adapters"].get<double>()) + adapter_exponents;
+  // Exact in double: every term is an integer below 2^53.
+  EXPECT_EQ(sum["bits"]["effective_bits"].get<double>() * n, counted);
 }
 
 TEST(LrecCli, BadInputNamesTheFlag) {
