@@ -65,13 +65,6 @@ std::vector<AblationCell> ablation_grid(const AblateOptions& o) {
 
 namespace {
 
-// Shortest text that reads back as the same double, so a child parses
-// exactly the value the parent holds.
-std::string exact(double x) {
-  char buf[32];
-  const auto r = std::to_chars(buf, buf + sizeof buf, x);
-  return std::string(buf, r.ptr);
-}
 
 // The training settings every cell shares; also what DIR/sweep.json pins.
 json sweep_settings(const TrainOptions& t) {
@@ -92,9 +85,9 @@ std::vector<std::string> train_args(const TrainOptions& t, const AblationCell& c
                                 std::to_string(t.batch),           "--steps",
                                 std::to_string(t.steps),           "--warmup",
                                 std::to_string(t.warmup),          "--lr",
-                                exact(t.lr),     "--momentum",     exact(t.momentum),
-                                "--weight-decay", exact(t.weight_decay), "--init-std",
-                                exact(t.init_std), "--format",     c.format(),
+                                exact_text(t.lr),     "--momentum",     exact_text(t.momentum),
+                                "--weight-decay", exact_text(t.weight_decay), "--init-std",
+                                exact_text(t.init_std), "--format",     c.format(),
                                 "--seed",        std::to_string(c.seed), "--eval-every",
                                 std::to_string(t.eval_every),      "--eval-windows",
                                 std::to_string(t.eval_windows),    "--final-eval-windows",

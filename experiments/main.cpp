@@ -45,6 +45,10 @@ void add_training_flags(CLI::App* app, intrain::TrainOptions& t) {
   app->add_option("--final-eval-windows", t.final_eval_windows,
                   "Validation windows of the final evaluation (0: the whole validation split)")
       ->check(CLI::NonNegativeNumber);
+  app->add_option("--early-stop", t.early_stop,
+                  "Keep best.safetensors (best periodic validation loss) and stop after N evaluations without a new "
+                  "best (0: off)")
+      ->check(CLI::NonNegativeNumber);
   app->add_option("--checkpoint-every", t.checkpoint_every, "Checkpoint every N steps (and at the end)")
       ->check(CLI::NonNegativeNumber);
   app->add_option("--probe-every", t.probe_every,
@@ -229,6 +233,10 @@ int main(int argc, char** argv) {
   int21->add_option("--heads", rp.heads, "Teacher heads")->check(CLI::Range(1, 256));
   int21->add_option("--context", rp.context, "Teacher context")->check(CLI::Range(2, 4096));
   int21->add_option("--teacher-steps", rp.teacher_steps, "Teacher training steps")->check(CLI::Range(1L, 100000000L));
+  int21->add_option("--teacher-early-stop", rp.teacher_early_stop,
+                    "Stop the teacher after N validations (every steps/30) without a new best, and use the best "
+                    "(0: off, the last model)")
+      ->check(CLI::NonNegativeNumber);
   int21->add_option("--methods", rp.methods, "Quantizers, comma separated: rtn, gptq, adpq, oac")->delimiter(',');
   int21->add_option("--bits", rp.bits, "Bit widths, comma separated (2..8)")->delimiter(',');
   int21->add_option("--group", rp.group, "Quantization group size")->check(CLI::Range(8, 4096));
@@ -338,6 +346,7 @@ int main(int argc, char** argv) {
         keep("--heads", rp.heads, q.heads);
         keep("--context", rp.context, q.context);
         keep("--teacher-steps", rp.teacher_steps, q.teacher_steps);
+        keep("--teacher-early-stop", rp.teacher_early_stop, q.teacher_early_stop);
         keep("--group", rp.group, q.group);
         keep("--calib-tokens", rp.calib_tokens, q.calib_tokens);
         keep("--sweep-ranks", rp.sweep_ranks, q.sweep_ranks);

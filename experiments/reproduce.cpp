@@ -28,6 +28,7 @@ void apply_quick(ReproduceOptions& o) {
   o.heads = 2;
   o.context = 64;
   o.teacher_steps = 400;
+  o.teacher_early_stop = 0;  // 400 steps of a d = 64 model do not over-fit the KJV
   o.group = 32;
   o.calib_tokens = 8192;
   o.sweep_ranks = {1, 4, 16};
@@ -239,7 +240,10 @@ int run_reproduce_int21(const ReproduceOptions& o) {
   if (o.teacher && !fs::exists(*o.teacher)) throw std::invalid_argument("--teacher " + o.teacher->string() + " does not exist");
   const RunLock lock(o.out, "intrain reproduce");
   const int threads = o.threads > 0 ? o.threads : (o.jobs > 1 ? 1 : 0);
-  const fs::path teacher = o.teacher ? fs::absolute(*o.teacher) : fs::absolute(o.out / "teacher" / "model.safetensors");
+  const fs::path teacher = o.teacher ? fs::absolute(*o.teacher)
+                                     : fs::absolute(o.out / "teacher" /
+                                                    (o.teacher_early_stop > 0 ? "best.safetensors" : "model.safetensors"));
+  const long teacher_eval_every = o.teacher_early_stop > 0 ? std::max<long>(1, o.teacher_steps / 30) : 0;
   pin(o.out, pinned_settings(o, teacher));
   std::vector<ChildFailure> failed;
   auto run = [&](const std::vector<ChildJob>& jobs) {
@@ -255,7 +259,9 @@ int run_reproduce_int21(const ReproduceOptions& o) {
           plus({"train", "--format", "fp32", "--layers", std::to_string(o.layers), "--d-model", std::to_string(o.d_model),
                 "--heads", std::to_string(o.heads), "--context", std::to_string(o.context), "--batch", std::to_string(o.batch),
                 "--steps", std::to_string(o.teacher_steps), "--lr", s(o.teacher_lr), "--warmup",
-                std::to_string(std::min<long>(100, o.teacher_steps / 10)), "--eval-every", "0", "--final-eval-windows",
+                std::to_string(std::min<long>(100, o.teacher_steps / 10)), "--eval-every", std::to_string(teacher_eval_every),
+                "--eval-windows", std::to_string(o.eval_windows > 0 ? std::min<long>(o.eval_windows, 256) : 256),
+                "--early-stop", std::to_string(o.teacher_early_stop), "--final-eval-windows",
                 std::to_string(o.eval_windows), "--seed", std::to_string(o.seed), "--quiet", "--out", d.string(),
                 fs::exists(d / "train_state.safetensors") ? "--resume" : "--overwrite"},
                common(o, o.jobs > 1 ? 0 : threads)),

@@ -30,6 +30,11 @@ struct ReproduceOptions {
   int layers = 6, d_model = 256, heads = 8, context = 128;
   long teacher_steps = 3000;
   double teacher_lr = 0.1;
+  // Early stopping of the teacher on the validation split (0: off): validate
+  // every teacher_steps / 30 steps on --eval-windows windows, keep the best
+  // model, stop after this many evaluations without a new best. The teacher
+  // is then teacher/best.safetensors.
+  long teacher_early_stop = 5;
   // Quantization.
   std::vector<std::string> methods{"rtn", "gptq", "adpq", "oac"};
   std::vector<int> bits{2, 3, 4, 8};

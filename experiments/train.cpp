@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -38,6 +39,12 @@ double peak_rss_mib() {
 }
 
 const char* build_commit() { return INTRAIN_BUILD_COMMIT; }
+
+std::string exact_text(double x) {
+  char buf[32];
+  const auto r = std::to_chars(buf, buf + sizeof buf, x);
+  return std::string(buf, r.ptr);
+}
 
 namespace {
 
@@ -135,6 +142,9 @@ TrainResult run_train(const TrainOptions& o) {
     throw std::invalid_argument("--batch " + std::to_string(o.batch) + " does not split evenly over " +
                                 std::to_string(ranks) + " ranks: use a multiple of " + std::to_string(ranks));
   }
+  if (o.early_stop > 0 && o.eval_every <= 0) {
+    throw std::invalid_argument("--early-stop needs periodic validation: set --eval-every");
+  }
   if (ranks > 1 && o.probe_every > 0) {
     throw std::invalid_argument("--probe-every runs single-process only (the probe's micro-batches are not split "
                                 "over ranks); run it without mpirun");
@@ -147,6 +157,10 @@ TrainResult run_train(const TrainOptions& o) {
   if (writer) lock.emplace(o.out, "intrain train");
   const fs::path metrics_path = o.out / "metrics.csv", state_path = o.out / "train_state.safetensors";
   const fs::path model_path = o.out / "model.safetensors", summary_path = o.out / "summary.json";
+  const fs::path best_path = o.out / "best.safetensors";
+  // Early stopping's state; saved in train_state's metadata so a resumed run keeps it.
+  double best_val = INFINITY;
+  long best_step = -1, evals_since_best = 0;
 
   GPT model(cfg, prec, o.seed, static_cast<float>(o.init_std));
   if (ranks > 1) model.set_batch_shard(&comm);
@@ -166,6 +180,11 @@ TrainResult run_train(const TrainOptions& o) {
     }
     start = std::stol(saved.at("step"));
     model.refresh_values(static_cast<std::uint64_t>(start), o.seed);
+    if (saved.count("best_val_loss")) {
+      best_val = std::stod(saved.at("best_val_loss"));
+      best_step = std::stol(saved.at("best_step"));
+      evals_since_best = std::stol(saved.at("evals_since_best"));
+    }
   } else if ((fs::exists(metrics_path) || fs::exists(state_path)) && !o.overwrite) {
     throw std::runtime_error(o.out.string() +
                              " already holds a run: pass --resume to continue it, --overwrite to replace it, or "
@@ -178,7 +197,7 @@ TrainResult run_train(const TrainOptions& o) {
     if (o.resume && fs::exists(metrics_path)) truncate_metrics(metrics_path, start);
     if (!o.resume) {
       for (const fs::path& p :
-           {metrics_path, state_path, model_path, summary_path, o.out / "probe.csv", o.out / "bound.csv"})
+           {metrics_path, state_path, model_path, summary_path, best_path, o.out / "probe.csv", o.out / "bound.csv"})
         fs::remove(p);
     }
     if (o.save_init && start == 0) save_model(o.out / "init.safetensors", model, {{"step", "0"}, {"commit", build_commit()}});
@@ -201,12 +220,19 @@ TrainResult run_train(const TrainOptions& o) {
   const bool tty = writer && isatty(STDERR_FILENO) && !o.quiet;
   double last_train = 0.0, last_val = NAN;
   std::vector<double> recent;
+  long last_step = o.steps;  // earlier when stopped early
   const std::int64_t nparams = model.num_parameters();
 
   auto checkpoint = [&](long next_step) {
     if (!writer) return;
     metrics.flush();
-    save_train_state(state_path, model, static_cast<std::uint64_t>(next_step), settings);
+    Metadata meta = settings;
+    if (best_step >= 0) {
+      meta["best_val_loss"] = exact_text(best_val);
+      meta["best_step"] = std::to_string(best_step);
+      meta["evals_since_best"] = std::to_string(evals_since_best);
+    }
+    save_train_state(state_path, model, static_cast<std::uint64_t>(next_step), meta);
     save_model(model_path, model, {{"step", std::to_string(next_step)}, {"commit", build_commit()}});
   };
 
@@ -243,11 +269,28 @@ TrainResult run_train(const TrainOptions& o) {
     recent.push_back(loss);
     if (recent.size() > 50) recent.erase(recent.begin());
 
-    const bool last = step + 1 == o.steps;
+    bool last = step + 1 == o.steps;
     std::string val_field;
     if (o.eval_every > 0 && ((step + 1) % o.eval_every == 0) && !last) {
       last_val = validation_loss(model, corpus, B, T, o.eval_windows, o.seed);
       val_field = std::to_string(last_val);
+      if (o.early_stop > 0) {
+        if (last_val < best_val) {
+          best_val = last_val;
+          best_step = step + 1;
+          evals_since_best = 0;
+          if (writer) {
+            save_model(best_path, model, {{"step", std::to_string(step + 1)}, {"val_loss", exact_text(last_val)},
+                                          {"commit", build_commit()}});
+          }
+        } else if (++evals_since_best >= o.early_stop) {
+          last = true;  // stop here: the final evaluation and checkpoint follow
+          if (writer && !o.quiet) {
+            std::fprintf(stderr, "%sstopping early at step %ld: no better validation loss in %ld evaluations since "
+                         "step %ld (%.4f)\n", tty ? "\n" : "", step + 1, evals_since_best, best_step, best_val);
+          }
+        }
+      }
     }
     if (last) {
       last_val = validation_loss(model, corpus, B, T, o.final_eval_windows, o.seed);  // 0: the whole split
@@ -273,6 +316,10 @@ TrainResult run_train(const TrainOptions& o) {
       }
     }
     if ((o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0) || last) checkpoint(step + 1);
+    if (last) {
+      last_step = step + 1;
+      break;
+    }
   }
   if (tty) std::fprintf(stderr, "\n");
 
@@ -311,6 +358,14 @@ TrainResult run_train(const TrainOptions& o) {
                  {"final_eval_windows", o.final_eval_windows},
                  {"data", corpus.name},
                  {"resumed_from_step", start}};
+  if (o.early_stop > 0) {
+    j["early_stop"] = {{"patience", o.early_stop},
+                       {"best_step", best_step},
+                       {"best_val_loss", best_val},  // periodic validation windows (--eval-windows)
+                       {"stopped_at_step", last_step},
+                       {"stopped_early", last_step < o.steps},
+                       {"best_model", best_step >= 0 ? best_path.filename().string() : ""}};
+  }
   j["ranks"] = ranks;
   // Rank 0's all-reduce traffic in the last step (zeros for one process), and
   // over the whole run (docs/distributed.md).

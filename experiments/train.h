@@ -31,6 +31,10 @@ struct TrainOptions {
   long eval_windows = 64;     // validation windows per periodic evaluation (0: the whole split)
   long final_eval_windows = 0;  // validation windows of the final evaluation (0: the whole split)
   long checkpoint_every = 500;
+  // Early stopping (0: off): keep --out/best.safetensors, the model at the
+  // best periodic validation loss, and stop after this many evaluations in a
+  // row without a new best. Needs --eval-every.
+  long early_stop = 0;
   bool quiet = false;         // no live progress line
   long probe_every = 0;       // estimate the bound's constants every N steps and evaluate it (0: off;
                               // experiments/trajectory_probe.h)
@@ -45,6 +49,10 @@ struct TrainResult {
 };
 
 TrainResult run_train(const TrainOptions& opt);
+
+// Shortest text that reads back as the same double (a child's flag, a
+// checkpoint's metadata): std::to_chars.
+std::string exact_text(double x);
 
 // Peak resident set size of this process (VmHWM), in MiB.
 double peak_rss_mib();

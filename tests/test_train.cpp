@@ -138,6 +138,55 @@ TEST(TrainErrors, RefusesToOverwriteAndToResumeNothing) {
   fs::remove_all(out);
 }
 
+// Early stopping: the run stops once the periodic validation loss has not
+// improved for `early_stop` evaluations, and best.safetensors is the model of
+// the best evaluation (its loss, re-evaluated, is the best in metrics.csv).
+TEST(TrainEarlyStop, StopsAfterThePatienceAndKeepsTheBestModel) {
+  const fs::path out = fresh_dir("early_stop");
+  TrainOptions o = testing::tiny_train_options(out, "fp32", 1, 16, 3000);
+  o.lr = 0.3;  // over-fits the tiny corpus within a few hundred steps
+  o.eval_every = 20;
+  o.eval_windows = 8;
+  o.early_stop = 3;
+  o.final_eval_windows = 8;
+  o.threads = 1;
+  run_train(o);
+  std::ifstream in(out / "summary.json");
+  const nlohmann::json es = nlohmann::json::parse(in).at("early_stop");
+  ASSERT_TRUE(es["stopped_early"].get<bool>()) << es.dump();
+  const long best = es["best_step"], stopped = es["stopped_at_step"];
+  EXPECT_EQ(stopped, best + 3 * 20) << "three evaluations without a new best, then stop";
+  // metrics.csv: the best periodic loss is at best_step, and nothing after the stop.
+  std::ifstream m(out / "metrics.csv");
+  std::string line;
+  std::getline(m, line);
+  double min_val = INFINITY;
+  long min_step = -1, rows = 0;
+  while (std::getline(m, line)) {
+    ++rows;
+    const long step = std::stol(line.substr(0, line.find(',')));
+    const std::size_t c1 = line.find(','), c2 = line.find(',', c1 + 1), c3 = line.find(',', c2 + 1);
+    const std::string val = line.substr(c2 + 1, c3 - c2 - 1);
+    if (!val.empty() && step + 1 < stopped && std::stod(val) < min_val) {
+      min_val = std::stod(val);
+      min_step = step + 1;
+    }
+  }
+  EXPECT_EQ(rows, stopped);
+  EXPECT_EQ(min_step, best);
+  EXPECT_NEAR(es["best_val_loss"].get<double>(), min_val, 1e-6);  // metrics.csv prints 6 decimals
+  // The kept model re-evaluates to the best loss on the same windows.
+  EvalOptions ev;
+  ev.model = out / "best.safetensors";
+  ev.data = tiny_corpus();
+  ev.max_windows = 8;
+  ev.batch = o.batch;
+  ev.threads = 1;
+  // Same windows and batch; 1e-5: fp32 matmuls may block differently in another process.
+  EXPECT_NEAR(run_eval(ev)["loss"].get<double>(), es["best_val_loss"].get<double>(), 1e-5);
+  fs::remove_all(out);
+}
+
 // The CLI: bad flags and a corrupt checkpoint exit non-zero with a message.
 TEST(TrainCli, BadFlagsExitNonZeroWithAMessage) {
   std::string out;
