@@ -167,6 +167,11 @@ RngKey GPT::key(std::uint64_t op) const {
   return k;
 }
 
+void GPT::note_split(const OutlierSplit& s) {
+  attention_outliers_ += s.outliers();
+  attention_split_elements_ += s.bulk.numel();
+}
+
 void GPT::note(const Tensor& t) {
   saturated_ += t.saturated();
   cast_elements_ += t.numel();
@@ -226,7 +231,9 @@ Tensor GPT::block_forward(Block& b, int layer, Tensor h) {
     const AttentionSplits s = split_attention(b.q, b.k, b.v, prec_.tiling.policy, key(id + 3));
     b.P = causal_softmax_forward(matmul_tiled(s.q, s.k, Trans::N, Trans::T), scale, A_in, key(id + 4));
     note(b.P);
-    PV = matmul_tiled(split_probabilities(b.P, prec_.tiling.policy, key(id + 4)), s.v);
+    const OutlierSplit sP = split_probabilities(b.P, prec_.tiling.policy, key(id + 4));
+    for (const OutlierSplit* sp : {&s.q, &s.k, &s.v, &sP}) note_split(*sp);
+    PV = matmul_tiled(sP, s.v);
   } else {
     split_heads(qkv, B_, T_, H, A, key(id + 3), b.q, b.k, b.v);
     const Tensor S = matmul(b.q, b.k, Trans::N, Trans::T);  // [BH, T, T]
@@ -291,6 +298,8 @@ Tensor GPT::block_backward(Block& b, int layer, Tensor dh) {
     const AttentionSplits s = ta ? split_attention(b.q, b.k, b.v, policy, key(fid + 3)) : AttentionSplits{};
     const OutlierSplit sP = ta ? split_probabilities(b.P, policy, key(fid + 4)) : OutlierSplit{};
     const OutlierSplit sdY = te ? outlier_split(dY, policy, key(id + 6).derive(0xE1)) : OutlierSplit{};
+    // (s and sP were counted in the forward pass; they are recomputed here, not stored.)
+    if (te) note_split(sdY);
     auto op = [](bool tiled, const OutlierSplit& sp, const Tensor& t) { return tiled ? TiledOperand(sp) : TiledOperand(t); };
     const TiledOperand q = op(ta, s.q, b.q), k = op(ta, s.k, b.k), v = op(ta, s.v, b.v), P = op(ta, sP, b.P);
     const TiledOperand dy = op(te, sdY, dY);
@@ -299,6 +308,7 @@ Tensor GPT::block_backward(Block& b, int layer, Tensor dh) {
     const Tensor dS = causal_softmax_backward(dP, ta ? sP.merged() : b.P, scale, E_att, key(id + 7));
     note(dS);
     const OutlierSplit sdS = te ? outlier_split(dS, policy, key(id + 7).derive(0xE2)) : OutlierSplit{};
+    if (te) note_split(sdS);
     const TiledOperand ds = op(te, sdS, dS);
     dQ = matmul_tiled(ds, k);                       // [BH, T, D]
     dK = matmul_tiled(ds, q, Trans::T, Trans::N);  // [BH, T, D]
@@ -353,6 +363,7 @@ double GPT::forward(const std::int32_t* tokens, const std::int32_t* targets, std
   T_ = T;
   saturated_ = 0;
   cast_elements_ = 0;
+  attention_outliers_ = attention_split_elements_ = 0;
   for (Block& b : blocks_)
     for (LinearLayer* l : {b.c_attn.get(), b.c_proj.get(), b.c_fc.get(), b.mlp_proj.get()}) l->reset_counts();
   tokens_.assign(tokens, tokens + B * T);
@@ -413,7 +424,7 @@ void GPT::backward() {
 }
 
 std::int64_t GPT::outliers(std::int64_t* elements) const {
-  std::int64_t n = 0, e = 0;
+  std::int64_t n = attention_outliers_, e = attention_split_elements_;
   for (const Block& b : blocks_) {
     for (const LinearLayer* l : {b.c_attn.get(), b.c_proj.get(), b.c_fc.get(), b.mlp_proj.get()}) {
       n += l->outliers();

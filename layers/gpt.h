@@ -90,8 +90,9 @@ class GPT {
   // and the value casts. Numerator of the saturated fraction.
   std::int64_t saturated() const { return saturated_; }
   std::int64_t elements_cast() const { return cast_elements_; }
-  // Outliers split by the linear layers since the last forward (0 unless
-  // outlier tiling is on); `elements`, if given, receives the elements split.
+  // Outliers split since the last forward, by the linear layers and by
+  // attention (q, k, v, P in the forward pass, dY and dS in the backward; 0
+  // unless outlier tiling is on); `elements`, if given, receives the elements split.
   std::int64_t outliers(std::int64_t* elements = nullptr) const;
   // Calls f for every split the linear layers make (statistics).
   void observe_splits(const SplitObserver& f);
@@ -119,6 +120,7 @@ class GPT {
   RngKey key(std::uint64_t op) const;
   std::unique_ptr<LinearLayer>* linear_slot(std::size_t i);
   void note(const Tensor& t);
+  void note_split(const OutlierSplit& s);
   Tensor block_forward(Block& b, int layer, Tensor h);
   Tensor block_backward(Block& b, int layer, Tensor dh);
   Format residual() const { return prec_.is_float() ? Format::fp32() : residual_format(); }
@@ -138,6 +140,7 @@ class GPT {
   LayerNormCache lnf_;
   Tensor xf_, logits_, dlogits_;
   std::int64_t saturated_ = 0, cast_elements_ = 0;
+  std::int64_t attention_outliers_ = 0, attention_split_elements_ = 0;
 };
 
 }  // namespace intrain

@@ -156,5 +156,32 @@ TEST(GptGradient, IntegerMatchesFloatAndImprovesWithBits) {
   EXPECT_LT(worst["int16"], 1e-2);
 }
 
+// Outlier tiling of every role (core/outliers.h): the model still learns, and
+// outliers() counts the splits of attention as well as of the linears. Per
+// block, attention splits q, k, v and P forward and dY ([BH, T, D]) and dS
+// ([BH, T, T]) backward: 4·B·T·C + 2·B·H·T² elements, exactly.
+TEST(GptTraining, TinyModelLearnsWithOutlierTilingAndCountsAttentionSplits) {
+  const auto l = train_tiny("int8+tile-ae@rms:5", 150);
+  EXPECT_LT(l.back(), 2.5) << "tiled int8 loss did not fall";
+
+  GPTConfig cfg{2, 2, 32, 16, 256};
+  GPT model(cfg, Precision::parse("int8+tile-ae@rms:5"), 1);
+  const std::int64_t B = 4, T = 16;
+  const Batch b = periodic_batch(B, T, 0);
+  model.forward(b.x.data(), b.y.data(), B, T, 0, 1, true);
+  model.backward();
+  std::int64_t elements = 0, linear_elements = 0, linear_outliers = 0;
+  const std::int64_t outliers = model.outliers(&elements);
+  model.for_each_linear([&](const std::string&, std::unique_ptr<LinearLayer>& layer) {
+    linear_elements += layer->split_elements();
+    linear_outliers += layer->outliers();
+  });
+  const std::int64_t C = cfg.n_embd, H = cfg.n_head, L = cfg.n_layer;
+  EXPECT_GT(linear_elements, 0);
+  EXPECT_EQ(elements - linear_elements, L * (4 * B * T * C + 2 * B * H * T * T));
+  EXPECT_GE(outliers, linear_outliers);
+  EXPECT_LE(outliers, elements);
+}
+
 }  // namespace
 }  // namespace intrain
