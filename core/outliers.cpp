@@ -294,11 +294,19 @@ OutlierSplit outlier_split(const Tensor& x, const OutlierPolicy& policy, RngKey 
         const std::int64_t n0 = std::min(e, b0 + kBlock) - b0;
         const std::int64_t t = tie_end > b0 ? tau : tau + 1;  // a tie may count below tie_end
         if (flag_at_least(p + b0, n0, static_cast<std::int32_t>(std::max<std::int64_t>(t, 0)), flag) == 0) continue;
-        for (std::int64_t w = 0; w < n0; w += 8) {
-          std::uint64_t word = 0;
-          std::memcpy(&word, flag + w, static_cast<std::size_t>(std::min<std::int64_t>(8, n0 - w)));
-          for (; word != 0; word &= word - 1) {
-            const std::int64_t i = b0 + w + __builtin_ctzll(word) / 8;
+        std::fill(flag + n0, flag + (n0 + 63) / 64 * 64, std::uint8_t{0});  // whole words of 64 below
+        for (std::int64_t w = 0; w < n0; w += 64) {
+          // The flags of 64 elements as one bit each: each 8-byte word of
+          // 0/1 flags gathers into one byte (the multiply puts byte i's bit at
+          // bit 56 + i, all partial products at distinct bits).
+          std::uint64_t bits = 0;
+          for (int q = 0; q < 8; ++q) {
+            std::uint64_t word;
+            std::memcpy(&word, flag + w + 8 * q, 8);
+            bits |= ((word * 0x0102040810204080ULL) >> 56) << (8 * q);
+          }
+          for (; bits != 0; bits &= bits - 1) {
+            const std::int64_t i = b0 + w + __builtin_ctzll(bits);
             const std::int32_t a = abs32(p[i]);
             if (!(a > tau || (a == tau && i < tie_end))) continue;
             const std::int64_t v = shift_round(p[i], shift, mode, key.bits(static_cast<std::uint32_t>(i)));
@@ -482,10 +490,206 @@ Gathered gather(const TiledOperand& X, Trans t, bool rows_of_op, const std::vect
 
 Format gathered_format(const TiledOperand& X) { return X.is_split() ? Format::fixed(15) : X.dense().format(); }
 
-void sparse_right(const Tensor& A, Trans ta, const OutlierSplit& S, Trans tb, const Dest& d, int shift);
+// ---- outlier by outlier ----------------------------------------------------
+//
+// C += 2^7·op(A_o)·op(B) + 2^7·op(A_b)·op(B_o) one outlier at a time, for
+// outliers spread so thinly that every gathered tile would be the whole
+// matrix (docs/outliers.md, "Speed"), and for batches of matrices (rank 3,
+// attention's products), where tiles gathered per matrix would cost one
+// oneDNN call per matrix. B is taken merged in the first term, so the
+// outlier x outlier products are in it.
+//   An outlier (i, k, h) of op(A) adds 2^7·h·op(B)[k, :] into row i of C.
+//   An outlier (k, j, h) of op(B) adds 2^7·h·op(A_b)[:, k] into column j;
+//   the column is summed in a buffer of M first, so that every inner loop
+//   runs along contiguous memory (op(A)ᵀ's rows).
+// Every term is an int8 times a value of at most 16 bits, shifted by 7:
+// |term| < 2^29, formed in int32; sums are modular in C's unsigned width,
+// exact because the final value fits C. Cost: outliers of A times N plus
+// outliers of B times M vectorised multiply-adds, plus a transposed copy of
+// an operand whose lines are not rows in storage.
+
+// The outliers of a split grouped by lines of op(S) (its rows, or its
+// columns), over a batch of matrices: line q is matrix line[q] / L, row or
+// column line[q] % L, and holds the outliers [start[q], start[q + 1]) with
+// their other coordinate of op(S) and their high piece.
+struct OutlierLines {
+  std::vector<std::int64_t> line, start, other;
+  std::vector<std::int8_t> high;
+};
+OutlierLines group_by_line(const OutlierSplit& S, Trans t, bool rows_of_op) {
+  const std::int64_t r = S.bulk.rows(), c = S.bulk.cols();
+  const bool storage_rows = rows_of_op == (t == Trans::N);  // the lines are storage rows
+  const std::int64_t L = storage_rows ? r : c;               // lines per matrix
+  const std::size_t n = S.index.size();
+  // Each outlier's line (b·L + row or column) and other coordinate.
+  std::vector<std::int64_t> key(n), other(n);
+  for (std::size_t q = 0; q < n; ++q) {
+    const std::int64_t row = S.index[q] / c, col = S.index[q] - row * c;  // row counts over the batch
+    const std::int64_t b = row / r, sr = row - b * r;
+    key[q] = storage_rows ? row : b * c + col;
+    other[q] = storage_rows ? col : sr;
+  }
+  // A counting sort by line (stable: each line keeps the index order).
+  std::vector<std::int64_t> count(static_cast<std::size_t>(S.bulk.batch() * L) + 1, 0);
+  for (const std::int64_t k : key) ++count[static_cast<std::size_t>(k) + 1];
+  OutlierLines g;
+  for (std::size_t q = 1; q < count.size(); ++q) {
+    if (count[q] > 0) {
+      g.line.push_back(static_cast<std::int64_t>(q) - 1);
+      g.start.push_back(count[q - 1]);
+    }
+    count[q] += count[q - 1];
+  }
+  g.start.push_back(static_cast<std::int64_t>(n));
+  g.other.resize(n);
+  g.high.resize(n);
+  for (std::size_t q = 0; q < n; ++q) {
+    const auto at = static_cast<std::size_t>(count[static_cast<std::size_t>(key[q])]++);
+    g.other[at] = other[q];
+    g.high[at] = S.high[q];
+  }
+  return g;
+}
+
+// Each matrix of a batch transposed, in the same format.
+Tensor transposed(const Tensor& X) {
+  const std::int64_t r = X.rows(), c = X.cols();
+  Tensor T(X.rank() == 3 ? Shape{X.batch(), c, r} : Shape{c, r}, X.format(), X.exponent());
+  visit_int(X, [&](const auto* x) {
+    visit_int(T, [&](auto* o) {
+      using TO = std::remove_pointer_t<decltype(o)>;
+      for_chunks(X.batch() * r, [&](std::int64_t, std::int64_t b0, std::int64_t b1) {
+        for (std::int64_t q = b0; q < b1; ++q) {
+          const std::int64_t b = q / r, i = q % r;
+          for (std::int64_t j = 0; j < c; ++j) o[(b * c + j) * r + i] = static_cast<TO>(x[q * c + j]);
+        }
+      }, std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(c, 1)));
+    });
+  });
+  return T;
+}
+
+// A tensor whose rows are the lines an outlier term reads: a view of an
+// operand that already has them in storage, or a copy.
+struct RowSource {
+  Tensor owned;
+  const Tensor* view = nullptr;
+  const Tensor& get() const { return view ? *view : owned; }
+};
+// The rows of op(X), merged if X is split.
+RowSource op_rows_source(const TiledOperand& X, Trans t) {
+  if (!X.is_split()) return t == Trans::N ? RowSource{{}, &X.dense()} : RowSource{transposed(X.dense())};
+  return RowSource{t == Trans::N ? X.split().merged() : transposed(X.split().merged())};
+}
+// The columns of op(X) as rows, from X's plain values or bulk.
+RowSource op_cols_source(const TiledOperand& X, Trans t) {
+  return t == Trans::T ? RowSource{{}, &X.dense()} : RowSource{transposed(X.dense())};
+}
+// One multiply-add of the scatter against one of a gathered int8 tile
+// product (oneDNN, VNNI): the rank-2 products pick the cheaper (bench_outlier).
+constexpr double kScatterCost = 8.0;
+// Elements a RowSource copies (the scatter's setup cost).
+std::int64_t copied_elements(const TiledOperand& X, Trans t, bool rows) {
+  return (rows ? (X.is_split() || t == Trans::T) : t == Trans::N) ? X.dense().numel() : 0;
+}
+
+// c[j] += (h·v[j]) << shift, modulo C's width (see above).
+// With int8 v the product fits int16 (|h·v| <= 127²), which vectorises
+// with twice the lanes of a 32-bit multiply.
+template <class U, class V>
+INTRAIN_INLINE void add_scaled_body(U* __restrict c, const V* __restrict v, std::int64_t n, std::int32_t h, int shift) {
+  using P = std::conditional_t<sizeof(V) == 1, std::int16_t, std::int32_t>;
+  const P hp = static_cast<P>(h);
+  for (std::int64_t j = 0; j < n; ++j) {
+    const P prod = static_cast<P>(hp * static_cast<P>(v[j]));
+    c[j] += static_cast<U>(static_cast<U>(static_cast<std::int64_t>(prod)) << shift);
+  }
+}
+INTRAIN_CLONES void add_scaled(std::uint32_t* c, const std::int8_t* v, std::int64_t n, std::int32_t h, int s) { add_scaled_body(c, v, n, h, s); }
+INTRAIN_CLONES void add_scaled(std::uint32_t* c, const std::int16_t* v, std::int64_t n, std::int32_t h, int s) { add_scaled_body(c, v, n, h, s); }
+INTRAIN_CLONES void add_scaled(std::uint64_t* c, const std::int8_t* v, std::int64_t n, std::int32_t h, int s) { add_scaled_body(c, v, n, h, s); }
+INTRAIN_CLONES void add_scaled(std::uint64_t* c, const std::int16_t* v, std::int64_t n, std::int32_t h, int s) { add_scaled_body(c, v, n, h, s); }
+
+template <class F> void visit_unsigned(Tensor& C, F&& f) {
+  if (C.dtype() == DType::I32) {
+    f(reinterpret_cast<std::uint32_t*>(C.data<std::int32_t>()));
+  } else {
+    f(reinterpret_cast<std::uint64_t*>(C.data<std::int64_t>()));
+  }
+}
+template <class F> void visit_narrow_values(const Tensor& X, F&& f) {
+  if (X.dtype() == DType::I8) {
+    f(X.data<std::int8_t>());
+  } else {
+    f(X.data<std::int16_t>());
+  }
+}
+
+// C += 2^7·op(A_o)·op(B), A_o the outliers of S (op(S) is [batch,] M x K).
+void scatter_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans tb, const MatmulDims& dm, Tensor& C) {
+  if (S.index.empty()) return;
+  const OutlierLines g = group_by_line(S, ta, /*rows_of_op=*/true);
+  const RowSource rows = op_rows_source(B, tb);  // [batch,] K x N
+  const std::int64_t M = dm.M, K = dm.K, N = dm.N, nl = static_cast<std::int64_t>(g.line.size());
+  visit_unsigned(C, [&](auto* c) {
+    visit_narrow_values(rows.get(), [&](const auto* v) {
+      for_chunks(nl, [&](std::int64_t, std::int64_t l0, std::int64_t l1) {
+        for (std::int64_t l = l0; l < l1; ++l) {
+          const std::int64_t b = g.line[static_cast<std::size_t>(l)] / M;
+          auto* crow = c + g.line[static_cast<std::size_t>(l)] * N;
+          for (std::int64_t q = g.start[static_cast<std::size_t>(l)]; q < g.start[static_cast<std::size_t>(l) + 1]; ++q)
+            add_scaled(crow, v + (b * K + g.other[static_cast<std::size_t>(q)]) * N, N, g.high[static_cast<std::size_t>(q)], kOutlierShift);
+        }
+      }, std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(N, 1)));
+    });
+  });
+}
+
+// C += 2^7·op(A)·op(B_o), B_o the outliers of S (op(S) is [batch,] K x N),
+// A plain or the bulk of a split.
+void scatter_right(const TiledOperand& A, Trans ta, const OutlierSplit& S, Trans tb, const MatmulDims& dm, Tensor& C) {
+  if (S.index.empty()) return;
+  const OutlierLines g = group_by_line(S, tb, /*rows_of_op=*/false);
+  const RowSource cols = op_cols_source(A, ta);  // [batch,] K x M: the columns of op(A)
+  const std::int64_t M = dm.M, K = dm.K, N = dm.N, nl = static_cast<std::int64_t>(g.line.size());
+  visit_unsigned(C, [&](auto* c) {
+    using U = std::remove_pointer_t<decltype(c)>;
+    visit_narrow_values(cols.get(), [&](const auto* v) {
+      for_chunks(nl, [&](std::int64_t, std::int64_t l0, std::int64_t l1) {
+        // The chunk's columns, one per row of `cols` (l-major), then added
+        // into C row by row: a column written element by element would
+        // stride by N and thrash the cache sets.
+        const std::int64_t n = l1 - l0;
+        std::vector<U> sums(static_cast<std::size_t>(n * M), U{0});
+        std::vector<std::int64_t> at(static_cast<std::size_t>(n));  // where column l starts in C
+        for (std::int64_t l = l0; l < l1; ++l) {
+          const std::int64_t b = g.line[static_cast<std::size_t>(l)] / N, j = g.line[static_cast<std::size_t>(l)] % N;
+          at[static_cast<std::size_t>(l - l0)] = b * M * N + j;
+          U* column = sums.data() + (l - l0) * M;
+          for (std::int64_t q = g.start[static_cast<std::size_t>(l)]; q < g.start[static_cast<std::size_t>(l) + 1]; ++q)
+            add_scaled(column, v + (b * K + g.other[static_cast<std::size_t>(q)]) * M, M, g.high[static_cast<std::size_t>(q)], kOutlierShift);
+        }
+        // Distinct lines write distinct columns of C: no two chunks meet.
+        for (std::int64_t i = 0; i < M; ++i)
+          for (std::int64_t l = 0; l < n; ++l) c[at[static_cast<std::size_t>(l)] + i * N] += sums[static_cast<std::size_t>(l * M + i)];
+      }, std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(M, 1)));
+    });
+  });
+}
+
+void sparse_right(const Tensor& A, Trans ta, const OutlierSplit& S, Trans tb, const Dest& d, int shift,
+                  OutlierProduct how = OutlierProduct::Tiles);
+
+// Whether a rank-2 outlier term goes outlier by outlier: forced, or cheaper.
+// Only for a whole result (the nested terms of a gathered tile stay tiles).
+bool one_by_one(OutlierProduct how, double cost_scatter, double cost_tiles, const Dest& d, int shift) {
+  if (d.rows || d.cols || shift != kOutlierShift || how == OutlierProduct::Tiles) return false;
+  return how == OutlierProduct::OneByOne || cost_scatter < cost_tiles;
+}
 
 // d += (op(A_o)·op(B)) << shift, A_o the outlier part of S (op(A) is M x K).
-void sparse_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans tb, const Dest& d, int shift) {
+void sparse_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans tb, const Dest& d, int shift,
+                 OutlierProduct how) {
   if (S.index.empty()) return;
   const std::int64_t M = ta == Trans::N ? S.bulk.rows() : S.bulk.cols();
   const std::int64_t K = ta == Trans::N ? S.bulk.cols() : S.bulk.rows();
@@ -496,7 +700,10 @@ void sparse_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans t
   const std::int64_t nr = static_cast<std::int64_t>(rows.list.size()), nk = static_cast<std::int64_t>(ks.list.size());
   const double cost_rows = static_cast<double>(nr) * K * N;
   const double cost_k = static_cast<double>(M) * nk * N * (B.is_split() ? 2 : 1);  // int8 x int16 is two products
-  if (cost_rows <= cost_k) {
+  const double cost_scatter = kScatterCost * (static_cast<double>(S.outliers()) * N + copied_elements(B, tb, true));
+  if (one_by_one(how, cost_scatter, std::min(cost_rows, cost_k), d, shift)) {
+    scatter_left(S, ta, B, tb, MatmulDims{1, M, K, N}, *d.C);
+  } else if (cost_rows <= cost_k) {
     // The rows of op(A) that hold an outlier, times all of op(B).
     const std::int64_t pad = padded(nr, M);
     Tensor G({pad, K}, Format::fixed(8));
@@ -518,7 +725,8 @@ void sparse_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans t
 }
 
 // d += (op(A)·op(B_o)) << shift, B_o the outlier part of S, A plain (op(B) is K x N).
-void sparse_right(const Tensor& A, Trans ta, const OutlierSplit& S, Trans tb, const Dest& d, int shift) {
+void sparse_right(const Tensor& A, Trans ta, const OutlierSplit& S, Trans tb, const Dest& d, int shift,
+                  OutlierProduct how) {
   if (S.index.empty()) return;
   const std::int64_t K = tb == Trans::N ? S.bulk.rows() : S.bulk.cols();
   const std::int64_t N = tb == Trans::N ? S.bulk.cols() : S.bulk.rows();
@@ -527,7 +735,11 @@ void sparse_right(const Tensor& A, Trans ta, const OutlierSplit& S, Trans tb, co
   const Selection cols = select(e, N, [](const Entry& x) { return x.j; });
   const Selection ks = select(e, K, [](const Entry& x) { return x.i; });
   const std::int64_t nc = static_cast<std::int64_t>(cols.list.size()), nk = static_cast<std::int64_t>(ks.list.size());
-  if (static_cast<double>(M) * K * nc <= static_cast<double>(M) * nk * N) {
+  const double cost_cols = static_cast<double>(M) * K * nc, cost_k = static_cast<double>(M) * nk * N;
+  const double cost_scatter = kScatterCost * (static_cast<double>(S.outliers()) * M + copied_elements(A, ta, false));
+  if (one_by_one(how, cost_scatter, std::min(cost_cols, cost_k), d, shift)) {
+    scatter_right(A, ta, S, tb, MatmulDims{1, M, K, N}, *d.C);
+  } else if (cost_cols <= cost_k) {
     // The columns of op(B) that hold an outlier.
     const std::int64_t pad = padded(nc, N);
     Tensor G({K, pad}, Format::fixed(8));
@@ -546,80 +758,9 @@ void sparse_right(const Tensor& A, Trans ta, const OutlierSplit& S, Trans tb, co
   }
 }
 
-// The values of a plain tensor, or of a split's merge, as int32.
-std::vector<std::int32_t> values32(const TiledOperand& X) {
-  const Tensor v = X.is_split() ? X.split().merged() : X.dense();
-  std::vector<std::int32_t> out(static_cast<std::size_t>(v.numel()));
-  visit_int(v, [&](const auto* x) {
-    for (std::size_t i = 0; i < out.size(); ++i) out[i] = static_cast<std::int32_t>(x[i]);
-  });
-  return out;
-}
-
-// Batches of matrices (rank 3, attention's products: [BH, T, D] and
-// [BH, T, T]): C += 2^7·op(A_o)·op(B) + 2^7·op(A_b)·op(B_o), added outlier by
-// outlier, since tiles gathered per matrix would cost one oneDNN call per
-// matrix of the batch. An outlier of op(A) at (b, i, k) adds
-// 2^7·high·op(B)[b, k, :] (B merged if split) into row i of C[b]; an outlier
-// of op(B) at (b, k, j) adds 2^7·high·op(A_b)[b, :, k] into column j. Cost:
-// outliers of A times N plus outliers of B times M. Every term is an int8
-// times a value of at most 16 bits, shifted by 7: |term| < 2^29; sums are
-// modular in C's unsigned width, exact because the final value fits C.
-// Parallel over the batch (each matrix of C is written by one thread only).
-void sparse_batched(const TiledOperand& A, const TiledOperand& B, Trans ta, Trans tb, const MatmulDims& dm,
-                    Tensor& C) {
-  const std::int64_t ra = A.dense().rows(), ca = A.dense().cols(), rb = B.dense().rows(), cb = B.dense().cols();
-  const std::int64_t M = dm.M, N = dm.N;
-  const std::vector<std::int32_t> bv = A.is_split() ? values32(B) : std::vector<std::int32_t>{};
-  auto run = [&](auto* c) {
-    using U = std::remove_pointer_t<decltype(c)>;
-    auto add = [](U* m, std::int64_t at, std::int64_t v) { m[at] += static_cast<U>(static_cast<U>(v) << kOutlierShift); };
-    // The outliers of S in matrix b: the range [lo, hi) of its sorted index.
-    auto range = [](const OutlierSplit& S, std::int64_t b, std::int64_t per) {
-      const auto lo = std::lower_bound(S.index.begin(), S.index.end(), b * per);
-      const auto hi = std::lower_bound(lo, S.index.end(), (b + 1) * per);
-      return std::pair{static_cast<std::size_t>(lo - S.index.begin()), static_cast<std::size_t>(hi - S.index.begin())};
-    };
-    for_chunks(dm.batch, [&](std::int64_t, std::int64_t b0, std::int64_t b1) {
-      for (std::int64_t b = b0; b < b1; ++b) {
-        U* cm = c + b * M * N;
-        if (A.is_split()) {
-          const OutlierSplit& S = A.split();
-          const auto [lo, hi] = range(S, b, ra * ca);
-          const std::int32_t* bm = bv.data() + b * rb * cb;
-          for (std::size_t q = lo; q < hi; ++q) {
-            const std::int64_t f = S.index[q] - b * ra * ca, r = f / ca, col = f % ca;
-            const std::int64_t i = ta == Trans::N ? r : col, k = ta == Trans::N ? col : r;
-            const std::int64_t h = S.high[q];
-            for (std::int64_t j = 0; j < N; ++j) add(cm, i * N + j, h * (tb == Trans::N ? bm[k * cb + j] : bm[j * cb + k]));
-          }
-        }
-        if (B.is_split()) {
-          const OutlierSplit& S = B.split();
-          const auto [lo, hi] = range(S, b, rb * cb);
-          for (std::size_t q = lo; q < hi; ++q) {
-            const std::int64_t f = S.index[q] - b * rb * cb, r = f / cb, col = f % cb;
-            const std::int64_t k = tb == Trans::N ? r : col, j = tb == Trans::N ? col : r;
-            const std::int64_t h = S.high[q];
-            visit_int(A.dense(), [&](const auto* x) {  // the bulk of A if split
-              const auto* am = x + b * ra * ca;
-              for (std::int64_t i = 0; i < M; ++i) add(cm, i * N + j, h * (ta == Trans::N ? am[i * ca + k] : am[k * ca + i]));
-            });
-          }
-        }
-      }
-    }, 1);
-  };
-  if (C.dtype() == DType::I32) {
-    run(reinterpret_cast<std::uint32_t*>(C.data<std::int32_t>()));
-  } else {
-    run(reinterpret_cast<std::uint64_t*>(C.data<std::int64_t>()));
-  }
-}
-
 }  // namespace
 
-Tensor matmul_tiled(const TiledOperand& A, const TiledOperand& B, Trans ta, Trans tb) {
+Tensor matmul_tiled(const TiledOperand& A, const TiledOperand& B, Trans ta, Trans tb, OutlierProduct how) {
   const MatmulDims dims = matmul_dims(A.dense(), B.dense(), ta, tb);
   if (A.dense().rank() != B.dense().rank() || A.dense().rank() < 2 || A.dense().rank() > 3) {
     throw std::invalid_argument("matmul_tiled: operands must both be matrices (rank 2) or batches of matrices "
@@ -641,11 +782,12 @@ Tensor matmul_tiled(const TiledOperand& A, const TiledOperand& B, Trans ta, Tran
   }
   C.set_exponent(exponent);
   if (A.dense().rank() == 3) {
-    sparse_batched(A, B, ta, tb, dims, C);
+    if (A.is_split()) scatter_left(A.split(), ta, B, tb, dims, C);
+    if (B.is_split()) scatter_right(A, ta, B.split(), tb, dims, C);
     return C;
   }
-  if (A.is_split()) sparse_left(A.split(), ta, B, tb, Dest{&C}, kOutlierShift);
-  if (B.is_split()) sparse_right(A.dense(), ta, B.split(), tb, Dest{&C}, kOutlierShift);
+  if (A.is_split()) sparse_left(A.split(), ta, B, tb, Dest{&C}, kOutlierShift, how);
+  if (B.is_split()) sparse_right(A.dense(), ta, B.split(), tb, Dest{&C}, kOutlierShift, how);
   return C;
 }
 

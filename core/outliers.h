@@ -129,7 +129,15 @@ class TiledOperand {
 // terms added outlier by outlier (cost: outliers of A times N plus outliers
 // of B times M), since tiles gathered per matrix would cost one oneDNN call
 // per matrix.
-Tensor matmul_tiled(const TiledOperand& A, const TiledOperand& B, Trans ta = Trans::N, Trans tb = Trans::N);
+//
+// Thinly spread outliers (at 1% almost every row and column holds one) make
+// every tile the whole matrix; there the outlier terms are added outlier by
+// outlier instead (cost: outliers times the other dimension, vectorised
+// along rows). Rank-2 products take, per split operand, whichever of the
+// three is cheaper by a cost model (`how` = Cheapest); tests force each.
+enum class OutlierProduct : std::uint8_t { Cheapest, Tiles, OneByOne };
+Tensor matmul_tiled(const TiledOperand& A, const TiledOperand& B, Trans ta = Trans::N, Trans tb = Trans::N,
+                    OutlierProduct how = OutlierProduct::Cheapest);
 
 }  // namespace intrain
 

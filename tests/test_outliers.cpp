@@ -260,20 +260,25 @@ TEST(OutlierSplitTest, StochasticSplitIsUnbiasedBoundedAndThreadIndependent) {
 
 Tensor merged_or_plain(const TiledOperand& t) { return t.is_split() ? t.split().merged() : t.dense(); }
 
+// Every way of adding the outlier terms (tiles, outlier by outlier, and the
+// cost model's pick) must give the reference bit for bit.
 void expect_tiled_exact(const TiledOperand& A, const TiledOperand& B, Trans ta, Trans tb) {
-  SCOPED_TRACE(A.dense().describe() + (A.is_split() ? " split" : "") + (ta == Trans::T ? "ᵀ" : "") + " x " +
-               B.dense().describe() + (B.is_split() ? " split" : "") + (tb == Trans::T ? "ᵀ" : ""));
-  const Tensor C = matmul_tiled(A, B, ta, tb);
   const Tensor R = matmul_reference(merged_or_plain(A), merged_or_plain(B), ta, tb);
-  ASSERT_EQ(C.shape(), R.shape());
-  EXPECT_EQ(C.format(), R.format());
-  EXPECT_EQ(C.exponent(), A.exponent() + B.exponent());
-  std::int64_t bad = 0;
-  for (std::int64_t i = 0; i < C.numel(); ++i) {
-    if (C.mantissa(i) != R.mantissa(i) && ++bad <= 5)
-      ADD_FAILURE() << "element " << i << ": tiled " << C.mantissa(i) << ", reference " << R.mantissa(i);
+  for (OutlierProduct how : {OutlierProduct::Cheapest, OutlierProduct::Tiles, OutlierProduct::OneByOne}) {
+    SCOPED_TRACE(A.dense().describe() + (A.is_split() ? " split" : "") + (ta == Trans::T ? "ᵀ" : "") + " x " +
+                 B.dense().describe() + (B.is_split() ? " split" : "") + (tb == Trans::T ? "ᵀ" : "") + " how " +
+                 std::to_string(static_cast<int>(how)));
+    const Tensor C = matmul_tiled(A, B, ta, tb, how);
+    ASSERT_EQ(C.shape(), R.shape());
+    EXPECT_EQ(C.format(), R.format());
+    EXPECT_EQ(C.exponent(), A.exponent() + B.exponent());
+    std::int64_t bad = 0;
+    for (std::int64_t i = 0; i < C.numel(); ++i) {
+      if (C.mantissa(i) != R.mantissa(i) && ++bad <= 5)
+        ADD_FAILURE() << "element " << i << ": tiled " << C.mantissa(i) << ", reference " << R.mantissa(i);
+    }
+    EXPECT_EQ(bad, 0);
   }
-  EXPECT_EQ(bad, 0);
 }
 
 // A source stored so that op(X) (with transpose t) is rows x cols, with the
