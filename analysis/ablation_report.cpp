@@ -348,8 +348,9 @@ std::string ablation_markdown(const json& r) {
   }
   md << "\n*bound held*: per seed, whether the measured weighted mean of the probes' squared gradient norms "
         "stayed under the convergence bound at every step (yes k/n); *vacuous* when the bound is no better than "
-        "smoothness alone gives (>= 2 L (f(x0) - f_inf)); n/a where the bound does not apply (momentum, weight "
-        "decay) or the run was not probed. See docs/convergence.md §10.\n";
+        "smoothness alone gives (>= 2 L (f(x0) - f_inf)), or infinite (heavy ball at a step too long for its drift "
+        "term); n/a where the bound does not apply (weight decay) or the run was not probed. See "
+        "docs/convergence.md §6b and §10.\n";
   md << "\nA cell *diverged* when its final loss exceeds ln 256 = 5.545 (worse than predicting every byte as "
         "equally likely); its loss still enters the mean.\n";
   md << "\n## Pareto front\n\nOver (mean validation loss, bits, seconds per step): a format is listed when no other "

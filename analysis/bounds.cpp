@@ -128,28 +128,38 @@ SgdBound::SgdBound(ProblemConstants pc, Rounding update_rounding, std::vector<Tu
     require(t.eps1 > 0 && t.eps2 > 0 && t.zeta > 0 && t.beta > 0 && t.eta > 0, "tuning parameters must be > 0");
 }
 
-// docs/convergence.md §3 (gradient constants a, b, b_F, m, q, s) and §4-5 (the step).
+// docs/convergence.md §3: the constants of the two gradient inequalities.
+GradientConstants SgdBound::gradient_constants(const StepTerms& t, const Tuning& tu) const {
+  const double d = pc_.delta, eps = t.eps_abs;
+  const double m0 = 1.0 + pc_.noise_grad, q0 = pc_.noise_gap, s0 = pc_.sigma2;
+  GradientConstants g;
+  // (i) E[grad f . gh] >= a ||grad f||^2 - b - bF (f - f*)
+  g.a = 1.0 - d * std::sqrt(m0);
+  if (d > 0.0) {
+    g.a -= tu.eps1 / 2.0;
+    g.b += d * d * s0 / (2.0 * tu.eps1);
+    g.bF += d * d * q0 / (2.0 * tu.eps1);
+  }
+  if (eps > 0.0) {
+    g.a -= tu.eps2 / 2.0;
+    g.b += eps * eps / (2.0 * tu.eps2);
+  }
+  // (ii) E||gh||^2 <= m ||grad f||^2 + q (f - f*) + s
+  const double grow = (eps > 0.0 ? 1.0 + tu.zeta : 1.0) * (1.0 + d) * (1.0 + d);
+  g.m = grow * m0;
+  g.q = grow * q0;
+  g.s = grow * s0 + (eps > 0.0 ? (1.0 + 1.0 / tu.zeta) * eps * eps : 0.0) + t.grad_var;
+  return g;
+}
+
+// docs/convergence.md §4-5: one step.
 StepConstants SgdBound::step_constants(const StepTerms& t, const Tuning& tu) const {
   StepConstants out;
   const double lr = t.lr;
   if (lr == 0.0) return StepConstants{0.0, 0.0, 0.0};  // x on the grid and no step: x+ = Q(x) = x
-  const double L = pc_.L, d = pc_.delta, eps = t.eps_abs;
-  const double m0 = 1.0 + pc_.noise_grad, q0 = pc_.noise_gap, s0 = pc_.sigma2;
-  // (i) E[grad f . gh] >= a ||grad f||^2 - b - bF (f - f*)
-  double a = 1.0 - d * std::sqrt(m0), b = 0.0, bF = 0.0;
-  if (d > 0.0) {
-    a -= tu.eps1 / 2.0;
-    b += d * d * s0 / (2.0 * tu.eps1);
-    bF += d * d * q0 / (2.0 * tu.eps1);
-  }
-  if (eps > 0.0) {
-    a -= tu.eps2 / 2.0;
-    b += eps * eps / (2.0 * tu.eps2);
-  }
-  // (ii) E||gh||^2 <= m ||grad f||^2 + q (f - f*) + s
-  const double grow = (eps > 0.0 ? 1.0 + tu.zeta : 1.0) * (1.0 + d) * (1.0 + d);
-  const double m = grow * m0, q = grow * q0;
-  const double s = grow * s0 + (eps > 0.0 ? (1.0 + 1.0 / tu.zeta) * eps * eps : 0.0) + t.grad_var;
+  const double L = pc_.L;
+  const GradientConstants g = gradient_constants(t, tu);
+  const double a = g.a, b = g.b, bF = g.bF, m = g.m, q = g.q, s = g.s;
   const double r2 = t.update_r2;
   if (rounding_ == Rounding::Stochastic) {
     out.c = a - L * lr * m / 2.0;
@@ -161,6 +171,111 @@ StepConstants SgdBound::step_constants(const StepTerms& t, const Tuning& tu) con
     out.kappa = lr * bF + (1.0 + eta) * L * lr * lr * q / 2.0;
     out.N = lr * b + (1.0 + eta) * L * lr * lr * s / 2.0;
     if (r2 > 0.0) out.N += r2 / (2.0 * lr * beta) + (1.0 + 1.0 / eta) * L * r2 / 2.0;
+  }
+  return out;
+}
+
+std::vector<double> default_taus() { return {1.0 / 256, 1.0 / 16, 0.5, 4.0, 64.0}; }
+
+// docs/convergence.md §6b. With gamma_k = a_k + beta gamma_{k+1} (gamma_K = 0)
+// and c_k = beta gamma_k, the point z_k = x_k - c_k v_k moves as SGD does:
+//   z_{k+1} = z_k - gamma_k (gh_k + s_k) + r_k,   z_0 = x_0,
+// with the gradient taken at x_k, ||grad f(z_k) - grad f(x_k)|| <= L c_k ||v_k||.
+// The descent lemma at z_k, summed over k < K, with
+//   E||v_k||^2 <= B_k sum_{j<k} beta^{k-1-j} (m_j E||grad f_j||^2 + s_j),  B_k = (1 - beta^k) / (1 - beta),
+// gives  sum_{k<K} w_k E||grad f(x_k)||^2 <= Phi_0 + sum_{k<K} (N_k + theta_k B_k h_k),
+//   w_j = gamma_j ct_j - m_j sum_{k>j} theta_k B_k beta^{k-1-j},   h_k = sum_{j<k} beta^{k-1-j} s_j.
+// The sum over k > j runs to the end of the schedule (a smaller weight than
+// the prefix's, hence valid for every K), computed backwards in O(K).
+std::vector<BoundPoint> SgdBound::heavy_ball_gradient_norm(std::span<const StepTerms> steps, double beta,
+                                                           std::span<const double> taus) const {
+  require(beta >= 0.0 && beta < 1.0, "heavy ball needs 0 <= beta < 1, got " + std::to_string(beta));
+  require(!taus.empty(), "no tau given");
+  for (double t : taus) require(t > 0.0, "tau must be > 0");
+  for (const StepTerms& t : steps)
+    require(t.lr >= 0.0 && t.eps_abs >= 0.0 && t.grad_var >= 0.0 && t.update_r2 >= 0.0,
+            "step terms must be >= 0");
+  ProblemConstants pc = pc_;
+  if (pc.noise_gap > 0.0) {
+    require(pc.mu > 0.0, "heavy ball needs noise_gap = 0, or mu > 0 to fold it into noise_grad (PL)");
+    pc.noise_grad += pc.noise_gap / (2.0 * pc.mu);  // M_F (f - f*) <= M_F ||grad f||^2 / (2 mu)
+    pc.noise_gap = 0.0;
+  }
+  const SgdBound folded(pc, rounding_, tunings_);
+  const std::size_t K = steps.size();
+  const double L = pc.L;
+  std::vector<double> gamma(K + 1, 0.0), Bk(K + 1, 0.0);
+  for (std::size_t k = K; k-- > 0;) gamma[k] = steps[k].lr + beta * gamma[k + 1];
+  for (std::size_t k = 1; k <= K; ++k) Bk[k] = beta * Bk[k - 1] + 1.0;  // sum_{i<k} beta^i
+
+  std::vector<double> cw(K), theta(K), N(K), m(K), s(K), w(K), best_w, best_value(K, kInf), best_noise(K, 0.0);
+  double best_final = kInf;
+  bool have = false;
+  for (const Tuning& tu : tunings_) {
+    for (double tau : taus) {
+      for (std::size_t k = 0; k < K; ++k) {
+        const GradientConstants g = folded.gradient_constants(steps[k], tu);
+        const double ga = gamma[k], c = beta * ga, r2 = steps[k].update_r2;
+        m[k] = g.m;
+        s[k] = g.s;
+        if (ga == 0.0) {  // no step from here on: z stays, nothing to bound
+          cw[k] = theta[k] = N[k] = 0.0;
+          continue;
+        }
+        const bool drift = c > 0.0;       // otherwise grad f(z) = grad f(x): no Young on the drift
+        const double t = drift ? tau : 0.0;
+        double ct = g.a - t * g.m / 2.0, th = drift ? ga * L * L * c * c / (2.0 * tau) : 0.0;
+        double n = ga * g.b + ga * t * g.s / 2.0;
+        if (rounding_ == Rounding::Stochastic) {
+          ct -= L * ga * g.m / 2.0;
+          n += L * ga * ga * g.s / 2.0 + L * r2 / 2.0;
+        } else {
+          // grad f(z) . r <= (ga b'/2) ||grad f(z)||^2 + r2 / (2 ga b'), and with drift
+          // ||grad f(z)||^2 <= 2 ||grad f(x)||^2 + 2 ||D||^2.
+          const double bp = r2 > 0.0 ? tu.beta : 0.0, eta = tu.eta;
+          ct -= (drift ? bp : bp / 2.0) + (1.0 + eta) * L * ga * g.m / 2.0;
+          if (drift) th += ga * bp * L * L * c * c;
+          n += (1.0 + eta) * L * ga * ga * g.s / 2.0;
+          if (r2 > 0.0) n += r2 / (2.0 * ga * bp) + (1.0 + 1.0 / eta) * L * r2 / 2.0;
+        }
+        cw[k] = ga * ct;
+        theta[k] = th;
+        N[k] = n;
+      }
+      double A = 0.0;  // sum_{k>j} theta_k B_k beta^{k-1-j}
+      for (std::size_t j = K; j-- > 0;) {
+        if (j + 1 < K) A = theta[j + 1] * Bk[j + 1] + beta * A;
+        w[j] = cw[j] - m[j] * A;
+      }
+      std::vector<double> value(K), noise(K);
+      double numer = pc.gap0, denom = 0.0, h = 0.0;
+      bool valid = true;
+      for (std::size_t k = 0; k < K; ++k) {
+        numer += N[k] + theta[k] * Bk[k] * h;
+        h = beta * h + s[k];
+        if (w[k] < 0.0) valid = false;
+        denom += std::max(w[k], 0.0);
+        value[k] = valid && denom > 0.0 ? numer / denom : kInf;
+        noise[k] = numer - pc.gap0;
+      }
+      const double final = K ? value[K - 1] : kInf;
+      if (!have || final < best_final) {
+        have = true;
+        best_final = final;
+        best_value = value;
+        best_noise = noise;
+        best_w = w;
+      }
+    }
+  }
+  std::vector<BoundPoint> out(K);
+  for (std::size_t k = 0; k < K; ++k) {
+    BoundPoint& p = out[k];
+    p.step = static_cast<long>(k + 1);
+    p.value = best_value[k];
+    p.noise = best_noise[k];
+    p.log10_transient = 0.0;
+    p.log_weight = best_w[k] > 0.0 ? std::log(best_w[k]) : -kInf;
   }
   return out;
 }

@@ -2,7 +2,7 @@
 // low-precision format and whose update is rounded onto a grid.
 // The derivation, every assumption and its source: docs/convergence.md.
 //
-// The model (momentum-free SGD; the bound says nothing about heavy ball):
+// The model (SGD; heavy ball below, heavy_ball_gradient_norm):
 //   x_{k+1} = Q(x_k - a_k * gh_k),   gh_k = gt_k + e_k,
 //   gt_k    the stochastic gradient: E[gt|x] = grad f(x),
 //           E||gt - grad f||^2 <= sigma2 + noise_grad * ||grad f||^2 + noise_gap * (f(x) - f*);
@@ -59,6 +59,17 @@ struct Tuning {
   double eta = 1.0;   // RN update: ||a gh - r||^2 <= (1+eta) a^2 ||gh||^2 + (1+1/eta) ||r||^2
 };
 std::vector<Tuning> default_tunings();
+// Heavy ball's extra Young parameter tau: |D . gh| <= ||D||^2 / (2 tau) + tau ||gh||^2 / 2,
+// D = grad f(z) - grad f(x) the drift of the gradient (docs §6b). Log-spaced:
+// the best tau grows with L * c_k / (1 - beta), from ~1e-2 (convex test) to ~1e2 (GPT).
+std::vector<double> default_taus();
+
+// The gradient inequalities of one step (docs §3), with F = f(x) - f*:
+//   (i)  E[grad f . gh] >= a ||grad f||^2 - b - bF F
+//   (ii) E||gh||^2      <= m ||grad f||^2 + q F + s
+struct GradientConstants {
+  double a = 1.0, b = 0.0, bF = 0.0, m = 1.0, q = 0.0, s = 0.0;
+};
 
 // One step's constants: with F = E f(x) - f*,
 //   E f(x+) - f* <= F - lr * c * E||grad f||^2 + kappa * F + N.
@@ -99,7 +110,23 @@ class SgdBound {
   std::vector<BoundPoint> gradient_norm(std::span<const StepTerms> steps,
                                         Arithmetic arith = Arithmetic::Multiprecision) const;
 
+  // Heavy ball without weight decay (optim/sgd.h with weight_decay 0):
+  //   v_{k+1} = beta v_k + gh_k + s_k,  x_{k+1} = Q(x_k - a_k v_{k+1}),  v_0 = 0,
+  // s_k the rounding of the buffer: mean zero (integer SR, counted in grad_var)
+  // or a bias (fp32, counted in eps_abs). For K = 1..steps.size() a bound on the
+  // weighted mean sum_{k<K} w_k E||grad f(x_k)||^2 / sum w_k; +inf from the
+  // first step with w_k < 0 on (a step too long for the bound). One tuning for
+  // the whole schedule (the one with the smallest final bound), because a
+  // step's tuning enters the weights of the steps before it. Needs
+  // noise_gap = 0, or mu > 0 (then PL folds noise_gap into noise_grad).
+  // With beta = 0 and one tuning it is gradient_norm() (tested). Double
+  // arithmetic suffices: there is no product over steps, only sums of
+  // nonnegative terms and the decaying beta^i.
+  std::vector<BoundPoint> heavy_ball_gradient_norm(std::span<const StepTerms> steps, double beta,
+                                                   std::span<const double> taus = default_taus()) const;
+
   StepConstants step_constants(const StepTerms& t, const Tuning& tu) const;
+  GradientConstants gradient_constants(const StepTerms& t, const Tuning& tu) const;
 
   const ProblemConstants& constants() const { return pc_; }
   Rounding update_rounding() const { return rounding_; }

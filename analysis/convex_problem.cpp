@@ -1,5 +1,7 @@
 #include "analysis/convex_problem.h"
 
+#include "analysis/trajectory_bound.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -46,7 +48,8 @@ double gamma_n(double n) {
 // What one step showed, as the envelope (max) over replicates.
 struct StepObservation {
   double master_max = 0, resid_max = 0, grad_sum_max = 0;  // max |x_k|, max |r|, max |X^T r_E|
-  double w_max = 0, x_next_norm = 0, step_norm = 0;        // fp32 terms: max |w|, ||x_{k+1}||, lr ||g||
+  double w_max = 0, x_next_norm = 0, step_norm = 0;        // fp32 terms: max |w|, ||x_{k+1}||, lr ||v_{k+1}||
+  double v_max = 0, buffer_err = 0;  // heavy ball: max |v_{k+1}| (integer); fp32: 2u (2 beta ||v_k|| + ||g||)
   void merge(const StepObservation& o) {
     master_max = std::max(master_max, o.master_max);
     resid_max = std::max(resid_max, o.resid_max);
@@ -54,6 +57,8 @@ struct StepObservation {
     w_max = std::max(w_max, o.w_max);
     x_next_norm = std::max(x_next_norm, o.x_next_norm);
     step_norm = std::max(step_norm, o.step_norm);
+    v_max = std::max(v_max, o.v_max);
+    buffer_err = std::max(buffer_err, o.buffer_err);
   }
 };
 
@@ -83,6 +88,17 @@ double LeastSquares::suboptimality(std::span<const double> x) const {
     f += s[static_cast<std::size_t>(j)] * s[static_cast<std::size_t>(j)] * e * e;
   }
   return 0.5 * f;
+}
+
+double LeastSquares::gradient_norm2(std::span<const double> x) const {
+  if (static_cast<int>(x.size()) != d) throw std::invalid_argument("LeastSquares: x has the wrong length");
+  double g2 = 0.0;
+  for (int j = 0; j < d; ++j) {
+    const double sj2 = s[static_cast<std::size_t>(j)] * s[static_cast<std::size_t>(j)];
+    const double g = sj2 * (x[static_cast<std::size_t>(j)] - x_star[static_cast<std::size_t>(j)]);
+    g2 += g * g;
+  }
+  return g2;
 }
 
 ProblemConstants LeastSquares::constants(int batch) const {
@@ -151,6 +167,7 @@ ConvexRun run_least_squares(const LeastSquares& ls, const Precision& prec, const
     throw std::invalid_argument("run_least_squares: batch and lr must be powers of two (1/B folds exactly into lr)");
   }
   if (cfg.steps < 1 || cfg.replicates < 1) throw std::invalid_argument("run_least_squares: steps, replicates >= 1");
+  if (!(cfg.momentum >= 0.0 && cfg.momentum < 1.0)) throw std::invalid_argument("run_least_squares: momentum in [0, 1)");
   const bool fp = prec.is_float();
   {  // The design is exact in the A format: check it rather than assume it.
     const Tensor q = quantize(ls.A, {ls.n, d}, prec.a);
@@ -168,9 +185,11 @@ ConvexRun run_least_squares(const LeastSquares& ls, const Precision& prec, const
   ConvexRun run;
   run.format = prec.name();
   run.suboptimality.assign(K + 1, 0.0);
+  run.grad_norm2.assign(K, 0.0);
   std::vector<StepObservation> obs(K);
   std::int64_t flushed = 0, grad_coords = 0;
-  Sgd sgd(SgdConfig{0.0, 0.0});
+  const double beta = cfg.momentum;
+  Sgd sgd(SgdConfig{beta, 0.0});
 
   for (int rep = 0; rep < cfg.replicates; ++rep) {
     const std::uint64_t seed = mix64(cfg.seed + static_cast<std::uint64_t>(rep));
@@ -210,9 +229,16 @@ ConvexRun run_least_squares(const LeastSquares& ls, const Precision& prec, const
         for (std::int64_t i = 0; i < g.numel(); ++i) flushed += std::abs(g.value(i)) < half && g.value(i) != 0.0;
         grad_coords += g.numel();
       }
-      if (fp) o.step_norm = lr_sgd * norm2(values(g));
+      run.grad_norm2[k] += ls.gradient_norm2(values(p.master));
+      if (fp && beta > 0.0) {
+        // v+ = fl(fl(beta v) + g): per element <= u |beta v| + u |beta v + g| (1 + u); in mean-gradient units.
+        const double v_norm = p.momentum.empty() ? 0.0 : norm2(values(p.momentum));
+        o.buffer_err = 2.0 * std::ldexp(1.0, -24) * (2.0 * beta * v_norm + norm2(values(g))) / B;
+      }
       p.accumulate(std::move(g));
       run.saturated += sgd.step(params, prec.g, lr_sgd, k, seed);
+      if (fp) o.step_norm = lr_sgd * norm2(values(p.momentum));  // ||lr v_{k+1}|| (v = g when beta = 0)
+      else o.v_max = max_abs_value(p.momentum);
       const std::vector<double> x = values(p.master);
       o.x_next_norm = norm2(x);
       run.suboptimality[k + 1] += ls.suboptimality(x);
@@ -220,6 +246,7 @@ ConvexRun run_least_squares(const LeastSquares& ls, const Precision& prec, const
     }
   }
   for (double& v : run.suboptimality) v /= cfg.replicates;
+  for (double& v : run.grad_norm2) v /= cfg.replicates;
   run.flushed_fraction = grad_coords ? static_cast<double>(flushed) / static_cast<double>(grad_coords) : 0.0;
 
   // Per-step terms of the bound from the observed scales (docs §9).
@@ -240,20 +267,39 @@ ConvexRun run_least_squares(const LeastSquares& ls, const Precision& prec, const
       // Float update x+ = fl(x - fl(a v)): ||r|| <= u ||a v|| + u ||x+|| / (1 - u) <= 2u (||a v|| + ||x+||).
       const double R = 2.0 * std::ldexp(1.0, -24) * (o.step_norm + o.x_next_norm);
       t.update_r2 = R * R;
+      t.eps_abs += o.buffer_err;  // heavy ball: the buffer's float rounding is a bias (0 without momentum)
       run.terms[k] = t;
     } else {
-      const CastObservation casts[] = {
+      std::vector<CastObservation> casts = {
           {prec.w, static_cast<double>(d), o.master_max, Lmax, true},  // H_B (w - x), ||H_B|| <= L_max
           {prec.e, static_cast<double>(B), o.resid_max, std::sqrt(Lmax / B), true},  // X^T e / B
           {prec.g, static_cast<double>(d), o.grad_sum_max, 1.0 / B, true},  // the sum's cast, then 1/B
       };
+      // Heavy ball: the buffer (a sum over the batch) is requantized to 31 bits with SR, mean zero.
+      if (beta > 0.0) casts.push_back({Format::wide(31), static_cast<double>(d), o.v_max, 1.0 / B, true});
       run.terms[k] = step_terms(cfg.lr, casts, Rounding::Stochastic, d, std::ldexp(1.0, kMasterExponent));
     }
   }
   const SgdBound bound(constants ? *constants : ls.constants(B), fp ? Rounding::Nearest : Rounding::Stochastic);
-  run.bound = bound.suboptimality(run.terms);
-  for (std::size_t k = 1; k <= K; ++k) {  // k = 0 is F0 against F0
-    run.max_ratio = std::max(run.max_ratio, run.suboptimality[k] / run.bound[k].value);
+  if (beta == 0.0) {
+    run.bound = bound.suboptimality(run.terms);
+    for (std::size_t k = 1; k <= K; ++k) {  // k = 0 is F0 against F0
+      run.max_ratio = std::max(run.max_ratio, run.suboptimality[k] / run.bound[k].value);
+    }
+    return run;
+  }
+  // Heavy ball: the bound on the weighted mean of E||grad f(x_k)||^2, k < K,
+  // against the same weighted mean of the replicates' exact gradient norms.
+  // The momentum the optimizer applies: float(beta), or its Q16 constant.
+  run.hb_bound = bound.heavy_ball_gradient_norm(run.terms, applied_momentum(beta, fp));
+  run.hb_measured.assign(K, 0.0);
+  double num = 0.0, den = 0.0;
+  for (std::size_t k = 0; k < K; ++k) {
+    const double w = std::exp(run.hb_bound[k].log_weight);  // weights here are O(lr): no log-domain shift needed
+    num += w * run.grad_norm2[k];
+    den += w;
+    run.hb_measured[k] = den > 0.0 ? num / den : run.grad_norm2[k];
+    run.max_ratio = std::max(run.max_ratio, run.hb_measured[k] / run.hb_bound[k].value);
   }
   return run;
 }

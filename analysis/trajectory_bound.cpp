@@ -54,12 +54,15 @@ FormatScales max_of(const FormatScales& a, const FormatScales& b) {
 }
 
 FormatScales format_scales(const Precision& prec, std::span<const TensorScale> tensors, double lr, double x_norm,
-                           double g_norm) {
+                           double g_norm, double momentum) {
   FormatScales s;
+  const double v_gain = 1.0 / (1.0 - momentum);  // |v| <= sum_i beta^i |g| (an estimate from this step's g)
   if (prec.is_float()) {
-    // Float update x+ = fl(x - fl(lr g)): ||r|| <= 2u (||x+|| + lr ||g||) to first order (docs §8).
+    // Float update x+ = fl(x - fl(lr v)): ||r|| <= 2u (||x+|| + lr ||v||) to first order (docs §8).
     const double u = unit_roundoff(Format::fp32());
-    s.update_r2 = std::pow(2.0 * u * (x_norm + lr * g_norm), 2);
+    s.update_r2 = std::pow(2.0 * u * (x_norm + lr * g_norm * v_gain), 2);
+    // Heavy ball: v+ = fl(fl(beta v) + g), per element <= u |beta v| + u |beta v + g| (1 + u): a bias.
+    if (momentum > 0.0) s.eps_g = 2.0 * u * (2.0 * momentum * v_gain + 1.0) * g_norm;
     return s;
   }
   std::vector<CastObservation> g_casts, w_casts;
@@ -67,6 +70,8 @@ FormatScales format_scales(const Precision& prec, std::span<const TensorScale> t
   for (const TensorScale& t : tensors) {
     d += t.n;
     g_casts.push_back({prec.g, t.n, t.grad_max, 1.0, true});  // the gradient's own cast: linear
+    // Heavy ball: the buffer is requantized to 31 bits with SR, mean zero (optim/sgd.cpp).
+    if (momentum > 0.0) g_casts.push_back({Format::wide(31), t.n, t.grad_max * v_gain, 1.0, true});
     // The value cast enters a nonlinear model: SR counts as a bias; gain 1 here, times L later.
     if (!t.value_format.is_float()) w_casts.push_back({t.value_format, t.n, t.master_max, 1.0, false});
   }
@@ -86,6 +91,11 @@ StepTerms scaled_step_terms(const FormatScales& s, double lr, double L) {
 double format_delta(const Precision& prec) {
   if (prec.is_float()) return 0.0;
   return unit_roundoff(prec.a) + (prec.e.rounding() == Rounding::Nearest ? unit_roundoff(prec.e) : 0.0);
+}
+
+double applied_momentum(double beta, bool is_float) {
+  if (is_float) return static_cast<float>(beta);
+  return std::ldexp(static_cast<double>(std::llround(std::ldexp(beta, 16))), -16);
 }
 
 double applied_lr(double lr, bool is_float) {
@@ -172,6 +182,8 @@ nlohmann::json RunBound::summary() const {
                         {"master_max", constants.master_max},
                         {"probes", constants.probes}}}};
   if (status == "evaluated") {
+    j["optimizer"] = optimizer;
+    j["momentum"] = momentum;
     j["held"] = held;
     j["first_violation"] = first_violation;
     j["vacuous"] = vacuous;
@@ -189,11 +201,7 @@ RunBound evaluate_run_bound(std::span<const ProbeSample> probes, std::span<const
     r.status = "n/a (no probe)";
     return r;
   }
-  // The bounds are derived for x+ = Q(x - lr g): no heavy ball, no decay (docs §1).
-  if (momentum != 0.0) {
-    r.status = "n/a (momentum)";
-    return r;
-  }
+  // The bounds are derived for SGD and heavy ball without decay (docs §1).
   if (weight_decay != 0.0) {
     r.status = "n/a (weight decay)";
     return r;
@@ -212,7 +220,10 @@ RunBound evaluate_run_bound(std::span<const ProbeSample> probes, std::span<const
   }
   const ProblemConstants pc{c.L, 0.0, c.gap0, c.sigma2, 0.0, 0.0, c.delta};
   const SgdBound bound(pc, fp ? Rounding::Nearest : Rounding::Stochastic);
-  const std::vector<BoundPoint> nc = bound.gradient_norm(terms);
+  r.momentum = momentum == 0.0 ? 0.0 : applied_momentum(momentum, fp);
+  r.optimizer = r.momentum == 0.0 ? "sgd" : "heavy ball";
+  const std::vector<BoundPoint> nc =
+      r.momentum == 0.0 ? bound.gradient_norm(terms) : bound.heavy_ball_gradient_norm(terms, r.momentum);
 
   // The measured counterpart of the bound at K: the same weighted mean
   // sum w_k E||grad f_k||^2 / sum w_k, over the probed k < K only, with the

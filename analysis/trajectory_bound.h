@@ -20,8 +20,8 @@
 // None of this changes the training run: the probe's passes use their own
 // rounding keys, and the caller clears the gradients they leave.
 //
-// The bound needs momentum-free SGD without weight decay (analysis/bounds.h);
-// for any other run evaluate_run_bound() says so instead of returning numbers.
+// The bound covers SGD and heavy ball without weight decay (analysis/bounds.h);
+// for a run with weight decay evaluate_run_bound() says so instead of returning numbers.
 #pragma once
 
 #include <cstdint>
@@ -79,8 +79,10 @@ struct TensorScale {
   double grad_max = 0.0, master_max = 0.0;
 };
 // x_norm, g_norm: ||x|| and ||g|| over all parameters (fp32 update rounding).
+// momentum > 0 adds the buffer's rounding, with |v| estimated as |g| / (1 - beta):
+// integer SR onto 31 bits (a variance, in var_g), fp32 a bias (in eps_g).
 FormatScales format_scales(const Precision& prec, std::span<const TensorScale> tensors, double lr, double x_norm,
-                           double g_norm);
+                           double g_norm, double momentum = 0.0);
 StepTerms scaled_step_terms(const FormatScales& s, double lr, double L);
 
 // Relative gradient bias of the casts not counted term by term (A, and E
@@ -89,6 +91,8 @@ double format_delta(const Precision& prec);
 // The lr the optimizer applies: float(lr) in fp32, a 24-significant-bit
 // multiplier in integer formats (optim/sgd.cpp).
 double applied_lr(double lr, bool is_float);
+// The momentum the optimizer applies: float(beta), or its Q16 constant (optim/sgd.cpp).
+double applied_momentum(double beta, bool is_float);
 
 // What one probe row of a run's probe.csv holds.
 struct ProbeSample {
@@ -120,7 +124,9 @@ RunConstants estimate_constants(std::span<const ProbeSample> probes, const Preci
 
 // The bound of a finished run, evaluated at every step.
 struct RunBound {
-  std::string status;          // "evaluated", or "n/a (momentum)", "n/a (weight decay)", "n/a (no probe)"
+  std::string status;          // "evaluated", or "n/a (weight decay)", "n/a (no probe)"
+  std::string optimizer;       // "sgd" or "heavy ball" (the bound evaluated, analysis/bounds.h)
+  double momentum = 0.0;       // the beta the optimizer applied (its Q16 constant in integer runs)
   RunConstants constants;
   std::vector<double> bound;   // K = 1..steps: bound on the weighted mean of E||grad f(x_k)||^2, k < K
   std::vector<double> measured;  // the same weighted mean of the probes' ||g0||^2 (NaN before the first probe)
@@ -131,6 +137,7 @@ struct RunBound {
   nlohmann::json summary() const;  // status, constants, held, vacuous, final values
 };
 // lr_per_step: the scheduled lr of every step 0..steps-1 (applied_lr is taken here).
+// momentum 0: SgdBound::gradient_norm; momentum > 0: heavy_ball_gradient_norm.
 RunBound evaluate_run_bound(std::span<const ProbeSample> probes, std::span<const double> lr_per_step,
                             const Precision& prec, double momentum, double weight_decay);
 

@@ -57,6 +57,7 @@ void load_run_constants(BoundOptions& o, const std::filesystem::path& dir, const
   }
   const nlohmann::json& cfg = s.at("config");
   if (!given("--lr")) o.lr = cfg.at("lr").get<double>();
+  if (!given("--momentum")) o.momentum = cfg.value("momentum", 0.0);
   if (!given("--warmup")) o.warmup = cfg.at("warmup").get<long>();
   if (!given("--steps")) o.steps = s.at("steps").get<long>();
 }
@@ -94,6 +95,10 @@ nlohmann::json run_bound(const BoundOptions& o) {
     delta = fp ? 0.0 : unit_roundoff(prec.a) + (prec.e.rounding() == Rounding::Nearest ? unit_roundoff(prec.e) : 0.0);
   }
   require(delta < 1.0, "--delta", "must be < 1");
+  require(o.momentum >= 0.0 && o.momentum < 1.0, "--momentum", "must lie in [0, 1)");
+  require(!(o.mu > 0.0 && o.momentum > 0.0), "--mu",
+          "the PL bound is derived for momentum-free SGD only; add --momentum 0, or drop --mu for heavy ball's "
+          "non-convex bound (docs/convergence.md §6b)");
   ProblemConstants pc{o.L, o.mu, o.gap, o.sigma2, 0.0, 0.0, delta};
 
   const LrSchedule sched{o.lr, o.warmup, o.steps, o.final_lr_fraction};
@@ -113,12 +118,13 @@ nlohmann::json run_bound(const BoundOptions& o) {
       // One tensor of d elements at the typical maxima: the G cast (linear, gain 1) and the W cast
       // (grad f moves by <= L ||w - x||), the same terms a probed run uses (analysis/trajectory_bound.h).
       const TensorScale all{prec.w, d, o.grad_max, o.weight_max};
-      terms[static_cast<std::size_t>(k)] = scaled_step_terms(format_scales(prec, {&all, 1}, lr, 0.0, 0.0), lr, o.L);
+      terms[static_cast<std::size_t>(k)] = scaled_step_terms(format_scales(prec, {&all, 1}, lr, 0.0, 0.0, o.momentum), lr, o.L);
     }
   }
   const Rounding update = fp ? Rounding::Nearest : Rounding::Stochastic;
   const SgdBound bound(pc, update);
-  const std::vector<BoundPoint> nc = bound.gradient_norm(terms);
+  const double beta = o.momentum > 0.0 ? applied_momentum(o.momentum, fp) : 0.0;
+  const std::vector<BoundPoint> nc = beta > 0.0 ? bound.heavy_ball_gradient_norm(terms, beta) : bound.gradient_norm(terms);
   std::vector<BoundPoint> pl;
   if (o.mu > 0.0) pl = bound.suboptimality(terms);
   const double g_flush = fp || prec.g.rounding() != Rounding::Nearest ? 0.0 : format_grid(prec.g, o.grad_max) / 2.0;
@@ -129,12 +135,15 @@ nlohmann::json run_bound(const BoundOptions& o) {
   nlohmann::json j;
   j["format"] = prec.name();
   j["update_rounding"] = rounding_name(update);
+  j["optimizer"] = beta > 0.0 ? "heavy ball" : "sgd";
+  j["momentum"] = beta;
   j["constants"] = {{"L", o.L},         {"mu", o.mu},           {"gap", o.gap}, {"sigma2", o.sigma2},
                     {"delta", delta},   {"params", d},          {"grad_max", o.grad_max},
                     {"weight_max", o.weight_max}, {"master_grid", master_grid}};
   j["schedule"] = {{"lr", o.lr}, {"warmup", o.warmup}, {"steps", o.steps}, {"final_lr_fraction", o.final_lr_fraction}};
-  std::printf("# intrain bound: %s, momentum-free SGD, %s update on the master grid 2^%d, d = %.0f\n",
-              prec.name().c_str(), rounding_name(update), kMasterExponent, d);
+  const std::string opt = beta > 0.0 ? "heavy ball (momentum " + std::to_string(beta) + ")" : "momentum-free SGD";
+  std::printf("# intrain bound: %s, %s, %s update on the master grid 2^%d, d = %.0f\n", prec.name().c_str(),
+              opt.c_str(), rounding_name(update), kMasterExponent, d);
   std::printf("%8s %11s %11s %11s %13s%s %13s\n", "step", "lr", "eps_abs", "grad_var", "min_E|g|^2<=",
               o.mu > 0.0 ? "  E[f-f*]<=  " : "", "rn_move_thr");
   nlohmann::json rows = nlohmann::json::array();

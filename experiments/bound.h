@@ -15,6 +15,7 @@ namespace intrain {
 struct BoundOptions {
   std::string format = "int8", rounding = "stochastic";
   double lr = 0.1, final_lr_fraction = 0.1;
+  double momentum = 0.9;  // heavy ball as `intrain train` runs it by default; 0: momentum-free SGD
   long steps = 2000, warmup = 100, log_every = 100;
   // Constants the user supplies (estimate them with analysis/estimators.h on a probe run).
   double L = -1.0, sigma2 = -1.0;  // required: < 0 means "not given"

@@ -144,6 +144,8 @@ int main(int argc, char** argv) {
   bound->add_option("--lr", bo.lr, "Peak learning rate")->check(CLI::PositiveNumber);
   bound->add_option("--steps", bo.steps, "Optimizer steps")->check(CLI::Range(1L, 100000000L));
   bound->add_option("--warmup", bo.warmup, "Linear warmup steps")->check(CLI::NonNegativeNumber);
+  bound->add_option("--momentum", bo.momentum, "Heavy-ball momentum of the planned run (default 0.9, as train; 0: SGD)")
+      ->check(CLI::Range(0.0, 0.9999));
   bound->add_option("--final-lr-fraction", bo.final_lr_fraction, "Cosine floor as a fraction of --lr")->check(CLI::Range(0.0, 1.0));
   std::string bound_run;
   bound->add_option("--from-run", bound_run,

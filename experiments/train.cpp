@@ -213,7 +213,7 @@ TrainResult run_train(const TrainOptions& o) {
   const std::size_t slice = static_cast<std::size_t>(comm.rank()) * B_local * T;
   if (o.probe_every < 0) throw std::invalid_argument("--probe-every must be >= 0 (0: off)");
   std::optional<TrajectoryProbe> probe;  // the bound's constants from this run (docs/convergence.md §8)
-  if (o.probe_every > 0) probe.emplace(o.out, prec, o.probe_every, o.probe_micro_batches, B, start);
+  if (o.probe_every > 0) probe.emplace(o.out, prec, o.probe_every, o.probe_micro_batches, B, start, o.momentum);
   std::vector<std::int32_t> x(static_cast<std::size_t>(B) * T), y(x.size());
   std::vector<double> step_times;
   Collective::Traffic per_step;  // all-reduce traffic of the last step

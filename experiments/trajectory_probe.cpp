@@ -88,8 +88,8 @@ void keep_rows_below(const fs::path& p, long keep_below) {
 }  // namespace
 
 TrajectoryProbe::TrajectoryProbe(const fs::path& out_dir, const Precision& prec, long every, int micro_batches,
-                                 int batch, long start_step)
-    : out_(out_dir), csv_(out_dir / "probe.csv"), prec_(prec), every_(every) {
+                                 int batch, long start_step, double momentum)
+    : out_(out_dir), csv_(out_dir / "probe.csv"), prec_(prec), every_(every), momentum_(momentum) {
   if (every < 1) throw std::invalid_argument("--probe-every must be >= 1 to probe (0: off)");
   if (micro_batches < 1) throw std::invalid_argument("--probe-micro-batches must be >= 1");
   // Micro-batches must split the batch evenly for their mean to be the batch gradient.
@@ -141,7 +141,7 @@ void TrajectoryProbe::before_update(GPT& model, const std::int32_t* tokens, cons
   }
   grad_norm2_ = 0.0;
   for (double v : g) grad_norm2_ += v * v;
-  sample_.scales = format_scales(prec_, tensors, lr, norm(master0_), std::sqrt(grad_norm2_));
+  sample_.scales = format_scales(prec_, tensors, lr, norm(master0_), std::sqrt(grad_norm2_), momentum_);
   pending_.emplace(static_cast<std::int64_t>(g.size()));
   // The micro-batch passes at w_k; the training gradient is set aside and put back for the optimizer.
   std::vector<Tensor> saved;

@@ -42,8 +42,9 @@ namespace intrain {
 class TrajectoryProbe {
  public:
   // Starts OUT/probe.csv afresh (start_step == 0) or keeps its rows of steps < start_step.
+  // `momentum`: the optimizer's heavy-ball beta, whose buffer rounding the format terms include.
   TrajectoryProbe(const std::filesystem::path& out_dir, const Precision& prec, long every, int micro_batches,
-                  int batch, long start_step);
+                  int batch, long start_step, double momentum = 0.0);
   bool due(long step) const { return every_ > 0 && step % every_ == 0; }
   // After backward, before the optimizer step; `tokens`/`targets` are batch B_k.
   void before_update(GPT& model, const std::int32_t* tokens, const std::int32_t* targets, int B, int T, long step,
@@ -59,6 +60,7 @@ class TrajectoryProbe {
   std::filesystem::path out_, csv_;
   Precision prec_;
   long every_;
+  double momentum_ = 0.0;
   int micro_;
   void micro_passes(GPT& model, const std::int32_t* tokens, const std::int32_t* targets, int B, int T, long step,
                     std::uint64_t seed, int point);

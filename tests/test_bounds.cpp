@@ -94,6 +94,44 @@ TEST(Bound, NonConvexConstantStepMatchesClosedForm) {
   }
 }
 
+// Heavy ball with beta = 0 is SGD: z_k = x_k, no drift term, and one tuning
+// gives the momentum-free recursion exactly (SR and RN updates, format terms on).
+TEST(Bound, HeavyBallWithoutMomentumIsTheSgdBound) {
+  ProblemConstants pc{5.0, 0.0, 4.0, 0.8, 0.1, 0.0, 0.01};
+  std::vector<StepTerms> steps;
+  for (int k = 0; k < 200; ++k) steps.push_back(StepTerms{0.005 + 0.00002 * k, 1e-3 * (1 + k % 3), 2e-4, 1e-9});
+  for (Rounding r : {Rounding::Stochastic, Rounding::Nearest}) {
+    const SgdBound b(pc, r, {Tuning{}});
+    const auto hb = b.heavy_ball_gradient_norm(steps, 0.0);
+    const auto sgd = b.gradient_norm(steps, Arithmetic::Double);
+    for (std::size_t k = 0; k < steps.size(); ++k) {
+      ASSERT_NEAR(hb[k].value, sgd[k].value, 1e-12 * sgd[k].value) << "step " << k;
+      ASSERT_NEAR(hb[k].log_weight, sgd[k].log_weight, 1e-12) << "step " << k;
+    }
+  }
+}
+
+// Momentum costs: at the same schedule the heavy-ball bound is above the
+// momentum-free one at the effective step lr / (1 - beta); a step too long for
+// the drift term (L gamma large) gives no bound rather than a wrong one.
+TEST(Bound, HeavyBallNeedsShortEffectiveSteps) {
+  ProblemConstants pc{4.0, 0.0, 2.0, 0.5, 0.0, 0.0, 0.0};
+  const double beta = 0.5, a = 0.01;
+  const SgdBound b(pc, Rounding::Stochastic);
+  const auto hb = b.heavy_ball_gradient_norm(constant_steps(400, StepTerms{a, 0.0, 0.0, 0.0}), beta);
+  const auto sgd = b.gradient_norm(constant_steps(400, StepTerms{a / (1 - beta), 0.0, 0.0, 0.0}), Arithmetic::Double);
+  EXPECT_TRUE(std::isfinite(hb.back().value));
+  EXPECT_GT(hb.back().value, sgd.back().value);
+  EXPECT_LT(hb.back().value, 2.0 * sgd.back().value);  // at L gamma = 0.08 the drift costs little
+  const auto long_steps = b.heavy_ball_gradient_norm(constant_steps(50, StepTerms{0.3, 0.0, 0.0, 0.0}), 0.9);
+  EXPECT_EQ(long_steps.back().value, std::numeric_limits<double>::infinity());
+  EXPECT_THROW(b.heavy_ball_gradient_norm(constant_steps(5, StepTerms{a, 0.0, 0.0, 0.0}), 1.0), std::invalid_argument);
+  // noise_gap without mu cannot be folded into the gradient-norm bound.
+  EXPECT_THROW(SgdBound(ProblemConstants{4.0, 0.0, 2.0, 0.5, 0.0, 1.0, 0.0}, Rounding::Stochastic)
+                   .heavy_ball_gradient_norm(constant_steps(5, StepTerms{a, 0.0, 0.0, 0.0}), beta),
+               std::invalid_argument);
+}
+
 // A step too long for the descent lemma (c < 0) still gives a finite bound,
 // through ||grad f||^2 <= 2 L (f - f*), and it grows.
 TEST(Bound, LongStepGrowsButStaysFinite) {
@@ -268,6 +306,37 @@ TEST(ConvexProblem, SuboptimalityStaysUnderTheBound) {
   }
 }
 
+// Heavy ball on the same problem (optim/sgd.h with momentum, the buffer
+// requantized to 31 bits with SR, or float): the weighted mean of the
+// replicates' exact ||grad f(x_k)||^2 stays under heavy_ball_gradient_norm at
+// every K, in each format and both roundings, at beta 0.5 and 0.9.
+TEST(ConvexProblem, HeavyBallGradientNormStaysUnderTheBound) {
+  const LeastSquares ls = make_least_squares(LeastSquaresConfig{});
+  std::printf("%-14s %5s %12s %12s %12s %10s\n", "format", "beta", "||g0||^2", "measured", "bound", "max ratio");
+  for (double beta : {0.5, 0.9}) {
+    ConvexRunConfig cfg;
+    cfg.momentum = beta;
+    // gamma = lr / (1 - beta) = 1/32 and 1/410: heavy ball's drift term asks
+    // for L m beta lr / (1 - beta)^2 below about 1/2 (docs §6b).
+    cfg.lr = beta == 0.5 ? 1.0 / 64 : 1.0 / 4096;
+    for (const char* spec : {"fp32", "int16", "int8", "int4"}) {
+      for (Rounding r : {Rounding::Stochastic, Rounding::Nearest}) {
+        if (std::string(spec) == "fp32" && r == Rounding::Nearest) continue;
+        const ConvexRun run = run_least_squares(ls, Precision::parse(spec, r), cfg);
+        EXPECT_EQ(run.saturated, 0) << run.format;
+        ASSERT_EQ(run.hb_bound.size(), run.grad_norm2.size());
+        ASSERT_TRUE(run.bound.empty()) << "the PL bound is not derived for heavy ball";
+        for (std::size_t K = 0; K < run.hb_bound.size(); ++K) {
+          ASSERT_LE(run.hb_measured[K], run.hb_bound[K].value) << run.format << " beta " << beta << " K " << K + 1;
+        }
+        EXPECT_TRUE(std::isfinite(run.hb_bound.back().value)) << run.format;
+        std::printf("%-14s %5.2f %12.4e %12.4e %12.4e %10.3f\n", run.format.c_str(), beta, run.grad_norm2[0],
+                    run.hb_measured.back(), run.hb_bound.back().value, run.max_ratio);
+      }
+    }
+  }
+}
+
 // ---- intrain bound ---------------------------------------------------------------
 
 TEST(BoundCommand, PlansARunAndRejectsMissingConstants) {
@@ -282,6 +351,7 @@ TEST(BoundCommand, PlansARunAndRejectsMissingConstants) {
   o.weight_max = 0.5;
   o.params = 1000;
   o.mu = 0.01;
+  o.momentum = 0.0;  // the PL bound is momentum-free only
   const nlohmann::json j = run_bound(o);
   ASSERT_EQ(j["steps"].size(), 4u);
   EXPECT_EQ(j["steps"][3]["step"], 200);
@@ -295,6 +365,16 @@ TEST(BoundCommand, PlansARunAndRejectsMissingConstants) {
   bad = o;
   bad.warmup = 500;
   EXPECT_THROW(run_bound(bad), std::invalid_argument);
+  bad = o;
+  bad.momentum = 0.9;  // heavy ball has no PL bound here: refused rather than evaluated
+  EXPECT_THROW(run_bound(bad), std::invalid_argument);
+  BoundOptions hb = o;
+  hb.mu = 0.0;
+  hb.momentum = 0.9;
+  hb.lr = 1e-4;  // short enough for the drift term at L = 20
+  const nlohmann::json jh = run_bound(hb);
+  EXPECT_EQ(jh["optimizer"], "heavy ball");
+  EXPECT_TRUE(std::isfinite(jh["steps"][3]["grad_norm2_bound"].get<double>()));
 }
 
 }  // namespace

@@ -114,14 +114,17 @@ ProbeSample synthetic_probe(long step, double grad_norm2) {
   return s;
 }
 
-// The bound applies to momentum-free SGD only, and "held" can fail: the same
+// The bound covers SGD and heavy ball (not weight decay), and "held" can fail: the same
 // probes with a measured gradient norm far above what the bound allows.
-TEST(TrajectoryProbe, BoundHeldCanFailAndMomentumIsNotCovered) {
+TEST(TrajectoryProbe, BoundHeldCanFailAndWeightDecayIsNotCovered) {
   const Precision fp32;
   const std::vector<double> lr(100, 0.1);
   std::vector<ProbeSample> ok, bad;
   for (long k = 0; k < 100; k += 10) ok.push_back(synthetic_probe(k, 0.5)), bad.push_back(synthetic_probe(k, 1e3));
-  EXPECT_EQ(evaluate_run_bound(ok, lr, fp32, 0.9, 0.0).status, "n/a (momentum)");
+  const RunBound hb = evaluate_run_bound(ok, lr, fp32, 0.9, 0.0);
+  EXPECT_EQ(hb.status, "evaluated");
+  EXPECT_EQ(hb.optimizer, "heavy ball");
+  EXPECT_EQ(hb.momentum, static_cast<double>(0.9f));
   EXPECT_EQ(evaluate_run_bound(ok, lr, fp32, 0.0, 0.01).status, "n/a (weight decay)");
   EXPECT_EQ(evaluate_run_bound({}, lr, fp32, 0.0, 0.0).status, "n/a (no probe)");
   // L = 1, sigma2 = 0.01, gap0 = 2, lr 0.1 over 100 steps, fp32 (RN update,
