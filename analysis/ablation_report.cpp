@@ -88,13 +88,25 @@ CellResult load_cell(const fs::path& dir, int bits, const std::string& rounding,
   c.bits = bits;
   c.rounding = rounding;
   c.seed = seed;
+  bool lrec = false;
   if (fs::exists(dir / "summary.json")) {
     const json s = read_json(dir / "summary.json");
     c.status = "done";
-    c.final_val_loss = s.at("final_val_loss").get<double>();
-    c.final_train_loss = s.at("final_train_loss").get<double>();
+    lrec = s.contains("after") && s.contains("before");
+    if (lrec) {
+      // An `intrain lrec` cell: the loss is the validation KL(teacher || student)
+      // per token, before (step 0) and after LREC; it has no validation curve between.
+      c.final_val_loss = s.at("after").at("kl_mean").get<double>();
+      c.final_train_loss = s.at("final_train_kl").get<double>();
+      c.peak_rss_mib = s.at("memory").at("peak_rss_mib").get<double>();
+      c.val_curve = {{0, s.at("before").at("kl_mean").get<double>()},
+                     {s.at("config").at("steps").get<long>(), c.final_val_loss}};
+    } else {
+      c.final_val_loss = s.at("final_val_loss").get<double>();
+      c.final_train_loss = s.at("final_train_loss").get<double>();
+      c.peak_rss_mib = s.at("peak_rss_mib").get<double>();
+    }
     c.tokens_per_s = s.at("tokens_per_s").get<double>();
-    c.peak_rss_mib = s.at("peak_rss_mib").get<double>();
     c.wall_s = s.at("wall_s").get<double>();
   } else if (fs::exists(dir / "failed.json")) {
     c.status = "failed";
@@ -135,7 +147,7 @@ CellResult load_cell(const fs::path& dir, int bits, const std::string& rounding,
   }
   std::ifstream m(dir / "metrics.csv");
   std::string line;
-  if (m && std::getline(m, line)) {
+  if (!lrec && m && std::getline(m, line)) {
     const std::vector<std::string> head = split_csv(line);
     const auto col = [&](const char* name) {
       const auto it = std::find(head.begin(), head.end(), name);
@@ -297,19 +309,38 @@ json ablation_report(const std::vector<CellResult>& cells, const json& settings)
 std::string ablation_markdown(const json& r) {
   std::ostringstream md;
   const json& s = r.at("settings");
-  md << "# Bit-width ablation\n\n";
-  md << "Model: " << s.value("layers", 0) << " layers, d = " << s.value("d_model", 0) << ", " << s.value("heads", 0)
-     << " heads, context " << s.value("context", 0) << ", batch " << s.value("batch", 0) << "; "
-     << s.value("steps", 0) << " SGD steps, peak lr " << s.value("lr", 0.0) << ", warmup " << s.value("warmup", 0)
-     << ", momentum " << s.value("momentum", 0.0) << ", init std " << s.value("init_std", 0.0) << "; data "
-     << s.value("data", std::string("?")) << ".\n\n";
-  const long final_windows = s.value("final_eval_windows", 0L);
-  md << "Final validation loss in nats per byte over "
-     << (final_windows > 0 ? "the first " + std::to_string(final_windows) + " windows of the validation split (the same for every cell)"
-                           : std::string("the whole validation split"))
-     << ". `gap` is the paired difference "
-        "to fp32 at the same seed (same initialisation and batches): mean, and its 95% Student-t interval over "
-        "seeds. Column meanings: docs/ablation.md.\n\n";
+  const bool lrec = s.value("kind", std::string("train")) == "lrec";
+  if (lrec) {
+    md << "# Bit-width ablation of LREC\n\n";
+    md << "Every cell trains rank-" << s.value("rank", 0) << " LoRA correctors (alpha " << s.value("alpha", 0.0)
+       << ") of `" << s.value("quantized", std::string("?")) << "` against the teacher `"
+       << s.value("teacher", std::string("?")) << "`: " << s.value("steps", 0) << " SGD steps, batch "
+       << s.value("batch", 0) << ", peak lr " << s.value("lr", 0.0) << ", momentum " << s.value("momentum", 0.0)
+       << ", CE weight " << s.value("ce_weight", 0.0) << "; data " << s.value("data", std::string("?"))
+       << ". The integer cells train in the integer engine at the cell's bits; fp32 is the float LoRA reference "
+          "on the same packed base.\n\n";
+    const long windows = s.value("eval_windows", 0L);
+    md << "The loss is the validation KL(teacher || student) in nats per token after LREC, over "
+       << (windows > 0 ? "the first " + std::to_string(windows) + " windows of the validation split"
+                       : std::string("the whole validation split"))
+       << " (the same for every cell). `gap` is the paired difference to the fp32 reference at the same seed (same "
+          "initial adapters and batches): mean, and its 95% Student-t interval over seeds. Column meanings: "
+          "docs/ablation.md.\n\n";
+  } else {
+    md << "# Bit-width ablation\n\n";
+    md << "Model: " << s.value("layers", 0) << " layers, d = " << s.value("d_model", 0) << ", " << s.value("heads", 0)
+       << " heads, context " << s.value("context", 0) << ", batch " << s.value("batch", 0) << "; "
+       << s.value("steps", 0) << " SGD steps, peak lr " << s.value("lr", 0.0) << ", warmup " << s.value("warmup", 0)
+       << ", momentum " << s.value("momentum", 0.0) << ", init std " << s.value("init_std", 0.0) << "; data "
+       << s.value("data", std::string("?")) << ".\n\n";
+    const long final_windows = s.value("final_eval_windows", 0L);
+    md << "Final validation loss in nats per byte over "
+       << (final_windows > 0 ? "the first " + std::to_string(final_windows) + " windows of the validation split (the same for every cell)"
+                             : std::string("the whole validation split"))
+       << ". `gap` is the paired difference "
+          "to fp32 at the same seed (same initialisation and batches): mean, and its 95% Student-t interval over "
+          "seeds. Column meanings: docs/ablation.md.\n\n";
+  }
   md << "| format | seeds | val loss (mean ± sd) | gap to fp32 | 95% CI of gap | gap % | saturated | tokens/s | "
         "peak MiB | bound held |\n";
   md << "|---|---|---|---|---|---|---|---|---|---|\n";

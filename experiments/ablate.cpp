@@ -76,6 +76,49 @@ json sweep_settings(const TrainOptions& t) {
           {"data", t.data ? fs::absolute(*t.data).string() : std::string("kjv")}};
 }
 
+// What an LREC sweep pins: the template every cell shares.
+json lrec_sweep_settings(const LrecOptions& l, const TrainOptions& t) {
+  return {{"kind", "lrec"},
+          {"teacher", fs::absolute(l.teacher).string()},
+          {"quantized", fs::absolute(l.quantized).string()},
+          {"rank", l.rank},
+          {"alpha", l.alpha},
+          {"steps", l.steps},
+          {"batch", l.batch},
+          {"lr", l.lr},
+          {"momentum", l.momentum},
+          {"warmup", l.warmup},
+          {"ce_weight", l.ce_weight},
+          {"eval_windows", l.eval_windows},
+          {"data", t.data ? fs::absolute(*t.data).string() : std::string("kjv")}};
+}
+
+// One LREC cell: the template with the cell's format, rounding and seed. LREC
+// runs have no checkpoint, so an interrupted cell starts again (--overwrite).
+std::vector<std::string> lrec_args(const LrecOptions& l, const TrainOptions& t, const AblationCell& c,
+                                   const fs::path& dir, int threads) {
+  std::vector<std::string> a = {"lrec",          "--teacher",    fs::absolute(l.teacher).string(),
+                                "--quantized",   fs::absolute(l.quantized).string(),
+                                "--rank",        std::to_string(l.rank),
+                                "--alpha",       exact_text(l.alpha),
+                                "--steps",       std::to_string(l.steps),
+                                "--batch",       std::to_string(l.batch),
+                                "--lr",          exact_text(l.lr),
+                                "--momentum",    exact_text(l.momentum),
+                                "--warmup",      std::to_string(l.warmup),
+                                "--ce-weight",   exact_text(l.ce_weight),
+                                "--eval-windows", std::to_string(l.eval_windows),
+                                "--format",      c.format(),
+                                "--seed",        std::to_string(c.seed),
+                                "--threads",     std::to_string(threads),
+                                "--quiet",       "--overwrite",
+                                "--out",         dir.string()};
+  if (c.bits == 32) a.insert(a.end(), {"--adapter-format", "fp32"});
+  else a.insert(a.end(), {"--rounding", c.rounding});
+  if (t.data) a.insert(a.end(), {"--data", fs::absolute(*t.data).string()});
+  return a;
+}
+
 std::vector<std::string> train_args(const TrainOptions& t, const AblationCell& c, const fs::path& dir, int threads,
                                     bool resume) {
   std::vector<std::string> a = {"train",         "--layers",       std::to_string(t.layers),
@@ -153,9 +196,17 @@ int run_ablate(const AblateOptions& o) {
     if (t != "none" && t != "a" && t != "e" && t != "ae")
       throw std::invalid_argument("--outlier-tiling: '" + t + "' is not one of none, a, e, ae");
   }
+  if (o.lrec) {
+    if (o.lrec->teacher.empty() || o.lrec->quantized.empty())
+      throw std::invalid_argument("--lrec-teacher and --lrec-quantized go together: give both for an LREC sweep");
+    for (const fs::path& p : {o.lrec->teacher, o.lrec->quantized})
+      if (!fs::exists(p)) throw std::invalid_argument("--lrec-teacher/--lrec-quantized: " + p.string() + " does not exist");
+    if (o.tilings != std::vector<std::string>{"none"})
+      throw std::invalid_argument("--outlier-tiling: LREC cells (--lrec-quantized) have no outlier tiling; drop one of them");
+  }
   const SingleProcess one_process;
   const Collective& comm = o.comm ? *o.comm : one_process;
-  const json settings = sweep_settings(o.train);
+  const json settings = o.lrec ? lrec_sweep_settings(*o.lrec, o.train) : sweep_settings(o.train);
   const fs::path cells_dir = o.out / "cells";
   std::optional<RunLock> lock;
   if (comm.rank() == 0) {
@@ -193,8 +244,9 @@ int run_ablate(const AblateOptions& o) {
         const AblationCell& c = pending[next++];
         const fs::path d = cells_dir / c.name();
         fs::remove(d / "failed.json");
-        const bool resume = fs::exists(d / "train_state.safetensors");
-        const pid_t pid = spawn(exe, train_args(o.train, c, d, threads, resume), cells_dir / (c.name() + ".log"));
+        const bool resume = !o.lrec && fs::exists(d / "train_state.safetensors");
+        const pid_t pid = spawn(exe, o.lrec ? lrec_args(*o.lrec, o.train, c, d, threads) : train_args(o.train, c, d, threads, resume),
+                                cells_dir / (c.name() + ".log"));
         running.emplace(pid, c);
       }
       int status = 0;
@@ -216,9 +268,9 @@ int run_ablate(const AblateOptions& o) {
       } else {
         std::ifstream in(d / "summary.json");
         const json s = json::parse(in);
-        std::fprintf(stderr, "%s: [%zu/%zu] %s  val %.4f  %.0f tok/s  %.0f s\n", who.c_str(), finished, pending.size(),
-                     c.name().c_str(), s.value("final_val_loss", 0.0), s.value("tokens_per_s", 0.0),
-                     s.value("wall_s", 0.0));
+        const double val = o.lrec ? s.at("after").value("kl_mean", 0.0) : s.value("final_val_loss", 0.0);
+        std::fprintf(stderr, "%s: [%zu/%zu] %s  %s %.4f  %.0f tok/s  %.0f s\n", who.c_str(), finished, pending.size(),
+                     c.name().c_str(), o.lrec ? "KL" : "val", val, s.value("tokens_per_s", 0.0), s.value("wall_s", 0.0));
       }
     }
   }

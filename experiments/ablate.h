@@ -15,9 +15,11 @@
 #pragma once
 
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "experiments/lrec.h"
 #include "experiments/train.h"
 
 namespace intrain {
@@ -37,6 +39,13 @@ struct AblateOptions {
     t.probe_every = -1;
     return t;
   }();
+  // LREC cells (`--lrec-teacher T --lrec-quantized Q`): every cell is an
+  // `intrain lrec` run of this template on the same packed model, with the
+  // cell's --format intB, --rounding and --seed; the fp32 baseline trains the
+  // float LoRA reference (--format fp32 --adapter-format fp32). The report's
+  // loss is then the validation KL(teacher || student) after LREC, per token.
+  // `train` is not used for such a sweep (apart from --threads and --data).
+  std::optional<LrecOptions> lrec;
   std::filesystem::path out = "runs/ablate";
   int jobs = 1;                // cells run side by side
   bool retry_failed = false;

@@ -137,6 +137,20 @@ int main(int argc, char** argv) {
   ablate->add_flag("--retry-failed", ab.retry_failed, "Run cells that failed before again");
   ablate->add_flag("--report-only", ab.report_only, "Rebuild the report from the cells present; run nothing");
   ablate->add_flag("!--no-plots", ab.plots, "Do not run the plotting script");
+  // LREC cells: each an `intrain lrec` run of this template (experiments/ablate.h).
+  intrain::LrecOptions ablate_lrec;
+  ablate->add_option("--lrec-teacher", ablate_lrec.teacher, "LREC sweep: the float teacher (with --lrec-quantized)");
+  ablate->add_option("--lrec-quantized", ablate_lrec.quantized,
+                     "LREC sweep: the packed model whose correctors every cell trains, at the cell's bits");
+  ablate->add_option("--lrec-rank", ablate_lrec.rank, "LREC sweep: LoRA rank")->check(CLI::Range(1, 4096));
+  ablate->add_option("--lrec-alpha", ablate_lrec.alpha, "LREC sweep: LoRA alpha (default 4 x rank)")->check(CLI::PositiveNumber);
+  ablate->add_option("--lrec-steps", ablate_lrec.steps, "LREC sweep: steps per cell")->check(CLI::Range(1L, 100000000L));
+  ablate->add_option("--lrec-lr", ablate_lrec.lr, "LREC sweep: peak learning rate")->check(CLI::PositiveNumber);
+  ablate->add_option("--lrec-ce-weight", ablate_lrec.ce_weight, "LREC sweep: cross-entropy weight beside the KL")
+      ->check(CLI::NonNegativeNumber);
+  ablate->add_option("--lrec-eval-windows", ablate_lrec.eval_windows,
+                     "LREC sweep: validation windows of each cell's KL (0: all)")->check(CLI::NonNegativeNumber);
+  ablate_lrec.eval_windows = 256;
   add_training_flags(ablate, ab.train);
   intrain::BoundOptions bo;
   auto* bound = app.add_subcommand("bound", "Convergence bound of a planned SGD run, before it is spent (docs/convergence.md)");
@@ -311,6 +325,14 @@ int main(int argc, char** argv) {
         keep("--jobs", ab.jobs, 2);
       }
       if (!ablate_data.empty()) ab.train.data = ablate_data;
+      if (ablate->count("--lrec-teacher") || ablate->count("--lrec-quantized")) {
+        if (!ablate->count("--lrec-alpha")) ablate_lrec.alpha = 4.0 * ablate_lrec.rank;
+        ab.lrec = ablate_lrec;
+      } else {
+        for (const char* f : {"--lrec-rank", "--lrec-alpha", "--lrec-steps", "--lrec-lr", "--lrec-ce-weight", "--lrec-eval-windows"})
+          if (ablate->count(f))
+            throw std::invalid_argument(std::string(f) + " belongs to an LREC sweep: add --lrec-teacher T --lrec-quantized Q");
+      }
       return intrain::run_ablate(ab) == 0 ? 0 : 2;
     }
     if (*eval) {

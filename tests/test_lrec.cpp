@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -117,6 +118,44 @@ TEST(LrecCli, BadInputNamesTheFlag) {
   EXPECT_NE(log.find("missing.safetensors"), std::string::npos) << log;
   EXPECT_NE(run_cli("lrec --teacher " + s.teacher.string() + " --quantized " + s.quantized.string() + " --rank 0", &log), 0);
   EXPECT_NE(log.find("--rank"), std::string::npos) << log;
+}
+
+// `intrain ablate --lrec-*`: a bit-width sweep of LREC on one packed model.
+// Every cell is an `intrain lrec` run; the report's loss is each cell's
+// validation KL after LREC, the fp32 cell is the float LoRA reference, and a
+// second run recomputes nothing.
+TEST(AblateLrec, SweepsTheAdapterBitsAgainstTheFloatReference) {
+  const TinySetup& s = setup();
+  const fs::path out = s.dir / "ablate-lrec";
+  const std::string args = "ablate --lrec-teacher " + s.teacher.string() + " --lrec-quantized " + s.quantized.string() +
+                           " --lrec-steps 8 --lrec-eval-windows 8 --bits 8,4 --rounding stochastic --seeds 1 --data " +
+                           testing::tiny_corpus().string() + " --no-plots --out " + out.string();
+  std::string log;
+  ASSERT_EQ(run_cli(args, &log), 0) << log;
+  const json report = read(out / "ablation.json");
+  ASSERT_EQ(report["settings"]["kind"], "lrec");
+  std::map<std::string, double> kl;
+  for (const json& c : report["cells"]) {
+    ASSERT_EQ(c["status"], "done") << c.dump();
+    const json sum = read(out / "cells" / c["name"].get<std::string>() / "summary.json");
+    EXPECT_EQ(c["final_val_loss"].get<double>(), sum["after"]["kl_mean"].get<double>()) << c["name"];
+    kl[c["name"].get<std::string>()] = c["final_val_loss"].get<double>();
+  }
+  ASSERT_EQ(kl.size(), 3u);  // fp32_s1, int8-sr_s1, int4-sr_s1
+  EXPECT_EQ(read(out / "cells" / "fp32_s1" / "summary.json")["config"]["adapter_format"], "fp32");
+  EXPECT_EQ(read(out / "cells" / "int4-sr_s1" / "summary.json")["config"]["format"], "w4a4e4g4-sr");
+  const std::string md = testing::file_bytes(out / "ablation.md");
+  EXPECT_NE(md.find("Bit-width ablation of LREC"), std::string::npos) << md;
+  // Resuming: nothing is recomputed.
+  const std::string before = testing::file_bytes(out / "cells" / "int8-sr_s1" / "summary.json");
+  ASSERT_EQ(run_cli(args, &log), 0) << log;
+  EXPECT_NE(log.find("3 already finished, 0 to run"), std::string::npos) << log;
+  EXPECT_EQ(testing::file_bytes(out / "cells" / "int8-sr_s1" / "summary.json"), before);
+  // Bad input names the flag.
+  EXPECT_NE(run_cli("ablate --lrec-teacher " + s.teacher.string() + " --out " + (s.dir / "x").string(), &log), 0);
+  EXPECT_NE(log.find("--lrec-quantized"), std::string::npos) << log;
+  EXPECT_NE(run_cli("ablate --lrec-steps 5 --out " + (s.dir / "y").string(), &log), 0);
+  EXPECT_NE(log.find("--lrec-teacher"), std::string::npos) << log;
 }
 
 TEST(ReproduceCli, WritesTheTableAndResumesWithoutRecomputing) {
