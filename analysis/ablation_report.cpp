@@ -306,6 +306,13 @@ json ablation_report(const std::vector<CellResult>& cells, const json& settings)
   return {{"settings", settings}, {"cells", jcells}, {"groups", jgroups}, {"pareto", pareto}};
 }
 
+namespace {
+// "the first N windows of the validation split", or the whole split (N = 0).
+std::string validation_windows(long n) {
+  return n > 0 ? "the first " + std::to_string(n) + " windows of the validation split" : "the whole validation split";
+}
+}  // namespace
+
 std::string ablation_markdown(const json& r) {
   std::ostringstream md;
   const json& s = r.at("settings");
@@ -319,11 +326,8 @@ std::string ablation_markdown(const json& r) {
        << ", CE weight " << s.value("ce_weight", 0.0) << "; data " << s.value("data", std::string("?"))
        << ". The integer cells train in the integer engine at the cell's bits; fp32 is the float LoRA reference "
           "on the same packed base.\n\n";
-    const long windows = s.value("eval_windows", 0L);
     md << "The loss is the validation KL(teacher || student) in nats per token after LREC, over "
-       << (windows > 0 ? "the first " + std::to_string(windows) + " windows of the validation split"
-                       : std::string("the whole validation split"))
-       << " (the same for every cell). `gap` is the paired difference to the fp32 reference at the same seed (same "
+       << validation_windows(s.value("eval_windows", 0L)) << " (the same for every cell). `gap` is the paired difference to the fp32 reference at the same seed (same "
           "initial adapters and batches): mean, and its 95% Student-t interval over seeds. Column meanings: "
           "docs/ablation.md.\n\n";
   } else {
@@ -334,10 +338,8 @@ std::string ablation_markdown(const json& r) {
        << ", momentum " << s.value("momentum", 0.0) << ", init std " << s.value("init_std", 0.0) << "; data "
        << s.value("data", std::string("?")) << ".\n\n";
     const long final_windows = s.value("final_eval_windows", 0L);
-    md << "Final validation loss in nats per byte over "
-       << (final_windows > 0 ? "the first " + std::to_string(final_windows) + " windows of the validation split (the same for every cell)"
-                             : std::string("the whole validation split"))
-       << ". `gap` is the paired difference "
+    md << "Final validation loss in nats per byte over " << validation_windows(final_windows)
+       << (final_windows > 0 ? " (the same for every cell)" : "") << ". `gap` is the paired difference "
           "to fp32 at the same seed (same initialisation and batches): mean, and its 95% Student-t interval over "
           "seeds. Column meanings: docs/ablation.md.\n\n";
   }
