@@ -46,7 +46,10 @@ struct Operand {
   bool is_float = false;
 };
 
-Operand check_operand(const Tensor& t, std::int64_t cols, const char* who, const char* what) {
+// `wide`: whether 9-16-bit operands (int16 storage) are accepted. The forward
+// takes them (split in two int8 pieces); the backward does not, because its
+// int32 result would not hold N·2^15·(2^b − 1).
+Operand check_operand(const Tensor& t, std::int64_t cols, const char* who, const char* what, bool wide) {
   if (t.rank() < 1 || t.cols() != cols) {
     throw std::invalid_argument(std::string(who) + ": " + what + " " + t.describe() + " must have " +
                                 std::to_string(cols) + " columns");
@@ -54,9 +57,10 @@ Operand check_operand(const Tensor& t, std::int64_t cols, const char* who, const
   Operand o;
   o.R = t.numel() / cols;
   o.is_float = t.format().is_float();
-  if (!o.is_float && (t.format().scaling() != Scaling::SharedExponent || t.dtype() != DType::I8 || !t.format().is_signed())) {
-    throw std::invalid_argument(std::string(who) + ": " + what + " " + t.describe() +
-                                " must be fp32 or a signed fixed-point format of 2 to 8 bits (int8 storage)");
+  const bool storage_ok = t.dtype() == DType::I8 || (wide && t.dtype() == DType::I16);
+  if (!o.is_float && (t.format().scaling() != Scaling::SharedExponent || !storage_ok || !t.format().is_signed())) {
+    throw std::invalid_argument(std::string(who) + ": " + what + " " + t.describe() + " must be fp32 or a signed fixed-point format of " +
+                                (wide ? "2 to 16 bits" : "2 to 8 bits (int8 storage); use 8-bit errors (e8) with packed weights"));
   }
   return o;
 }
@@ -89,6 +93,27 @@ INTRAIN_CLONES void scale_accumulate_row(std::int64_t* y, const std::int32_t* p,
     for (std::int64_t n = 0; n < N; ++n) y[n] = c[n] * (p[n] + zc[n] * s);
   } else {
     for (std::int64_t n = 0; n < N; ++n) y[n] += c[n] * (p[n] + zc[n] * s);
+  }
+}
+
+// The same for a split 16-bit X (X = 256·H + L + 128, see packed_matmul):
+// y[n] (+)= c[n]·(256·ph[n] + pl[n] + 128·cs[n] + zc[n]·s).
+INTRAIN_CLONES void scale_accumulate_split_row(std::int64_t* y, const std::int32_t* ph, const std::int32_t* pl,
+                                               const std::int64_t* cs, const std::int64_t* c, const std::int64_t* zc,
+                                               std::int64_t s, std::int64_t N, bool first) {
+  for (std::int64_t n = 0; n < N; ++n) {
+    const std::int64_t t = c[n] * (256 * std::int64_t{ph[n]} + pl[n] + 128 * cs[n] + zc[n] * s);
+    y[n] = first ? t : y[n] + t;
+  }
+}
+
+// Pieces of a 16-bit row for oneDNN's s8 source: h = x >> 8, l = (x & 255) − 128,
+// both in [−128, 127], with x = 256·h + l + 128 (core/matmul.cpp's right-operand split).
+INTRAIN_CLONES void split_row(const std::int16_t* x, std::int8_t* h, std::int8_t* l, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int32_t v = x[i];
+    h[i] = static_cast<std::int8_t>(v >> 8);
+    l[i] = static_cast<std::int8_t>((v & 255) - 128);
   }
 }
 
@@ -152,7 +177,7 @@ void check_forward_bound(const Tensor& X, const PackedWeights& W, const ScaleMan
 // ---------------------------------------------------------------------------
 
 Tensor packed_matmul(const Tensor& X, const PackedWeights& W) {
-  const Operand x = check_operand(X, W.K(), "packed_matmul", "input");
+  const Operand x = check_operand(X, W.K(), "packed_matmul", "input", true);
   const std::int64_t R = x.R, K = W.K(), N = W.N(), G = W.group(), ng = W.groups_per_column();
   std::vector<std::int8_t> codes(static_cast<std::size_t>(G * N));
   const std::int64_t rpc = rows_per_chunk(N);
@@ -182,45 +207,72 @@ Tensor packed_matmul(const Tensor& X, const PackedWeights& W) {
   const ScaleMantissas sm = scale_mantissas(W);
   check_forward_bound(X, W, sm);
   const int off = 1 << (W.bits() - 1);
-  const std::int8_t* xp = X.data<std::int8_t>();
-  // Row sums of X per group, for the zero-point term: |.| <= G · 127.
+  // A 9-16-bit X goes in as two int8 pieces, X = 256·H + L + 128, stacked as
+  // the rows [H; L] of one [2R, K] source, so each group is still one oneDNN
+  // call (M = 2R). Then X_g·Q'_g = 256·(H_g·Q'_g) + L_g·Q'_g + 128·colsum_g(Q'),
+  // Q' = Q − 2^(b−1); each product is exact in int32 and the sum in int64.
+  const bool split = X.dtype() == DType::I16;
+  std::vector<std::int8_t> pieces;
+  if (split) {
+    pieces.resize(static_cast<std::size_t>(2 * R * K));
+    const std::int16_t* x16 = X.data<std::int16_t>();
+    for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t r = r0; r < r1; ++r) split_row(x16 + r * K, pieces.data() + r * K, pieces.data() + (R + r) * K, K);
+    }, rows_per_chunk(K));
+  }
+  const std::int8_t* src = split ? pieces.data() : X.data<std::int8_t>();
+  const std::int64_t M = split ? 2 * R : R;
+  // Row sums of X per group, for the zero-point term: |.| <= G · 2^15.
   std::vector<std::int32_t> rs(static_cast<std::size_t>(R * ng));
-  for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
-    for (std::int64_t r = r0; r < r1; ++r)
-      for (std::int64_t g = 0; g < ng; ++g) {
-        std::int32_t s = 0;
-        for (std::int64_t k = g * G; k < (g + 1) * G; ++k) s += xp[r * K + k];
-        rs[static_cast<std::size_t>(r * ng + g)] = s;
-      }
-  }, rows_per_chunk(K));
+  visit_int(X, [&](const auto* xp) {
+    for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t r = r0; r < r1; ++r)
+        for (std::int64_t g = 0; g < ng; ++g) {
+          std::int32_t s = 0;
+          for (std::int64_t k = g * G; k < (g + 1) * G; ++k) s += static_cast<std::int32_t>(xp[r * K + k]);
+          rs[static_cast<std::size_t>(r * ng + g)] = s;
+        }
+    }, rows_per_chunk(K));
+  });
 
   Tensor Y = Tensor::uninitialized(with_cols(X.shape(), N), Format::accumulator(64), X.exponent() + sm.exponent);
   std::int64_t* y = Y.data<std::int64_t>();
-  std::vector<std::int32_t> P(static_cast<std::size_t>(R * N));
-  std::vector<std::int64_t> cz(static_cast<std::size_t>(N)), zc(static_cast<std::size_t>(N));
+  std::vector<std::int32_t> P(static_cast<std::size_t>(M * N));
+  std::vector<std::int64_t> cz(static_cast<std::size_t>(N)), zc(static_cast<std::size_t>(N)), cs(split ? static_cast<std::size_t>(N) : 0);
   for (std::int64_t g = 0; g < ng; ++g) {
     W.unpack_group(g, 0, N, off, codes.data());
     for (std::int64_t n = 0; n < N; ++n) {
       cz[static_cast<std::size_t>(n)] = sm.c[static_cast<std::size_t>(n * ng + g)];
       zc[static_cast<std::size_t>(n)] = off - static_cast<std::int64_t>(W.zero(n, g));
+      if (split) {
+        std::int64_t t = 0;
+        for (std::int64_t i = 0; i < G; ++i) t += codes[static_cast<std::size_t>(n * G + i)];
+        cs[static_cast<std::size_t>(n)] = t;
+      }
     }
-    // P = X[:, g]·(Q_g − 2^(b−1)): exact in int32 (G · 127 · 128 < 2^31 for G <= 4096).
+    // P = src[:, g]·(Q_g − 2^(b−1)): exact in int32 (G · 128 · 128 < 2^31 for G <= 4096).
     GemmDesc d;
-    d.M = R, d.K = G, d.N = N;
-    d.a = {GemmType::S8, R * K, K, 1};
+    d.M = M, d.K = G, d.N = N;
+    d.a = {GemmType::S8, M * K, K, 1};
     d.b = {GemmType::S8, G * N, 1, G};
-    d.c = {GemmType::S32, R * N, N, 1};
-    onednn_gemm(d, xp + g * G, codes.data(), P.data());
+    d.c = {GemmType::S32, M * N, N, 1};
+    onednn_gemm(d, src + g * G, codes.data(), P.data());
     for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
-      for (std::int64_t r = r0; r < r1; ++r)
-        scale_accumulate_row(y + r * N, P.data() + r * N, cz.data(), zc.data(), rs[static_cast<std::size_t>(r * ng + g)], N, g == 0);
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const std::int64_t s = rs[static_cast<std::size_t>(r * ng + g)];
+        if (split) {
+          scale_accumulate_split_row(y + r * N, P.data() + r * N, P.data() + (R + r) * N, cs.data(), cz.data(), zc.data(), s, N, g == 0);
+        } else {
+          scale_accumulate_row(y + r * N, P.data() + r * N, cz.data(), zc.data(), s, N, g == 0);
+        }
+      }
     }, rpc);
   }
   return Y;
 }
 
 Tensor packed_matmul_reference(const Tensor& X, const PackedWeights& W) {
-  const Operand x = check_operand(X, W.K(), "packed_matmul_reference", "input");
+  const Operand x = check_operand(X, W.K(), "packed_matmul_reference", "input", true);
   const std::int64_t R = x.R, K = W.K(), N = W.N(), G = W.group(), ng = W.groups_per_column();
   if (x.is_float) {
     // Y[r, n] = Σ_k X[r, k]·Ŵ[k, n], in double, rounded once.
@@ -238,14 +290,13 @@ Tensor packed_matmul_reference(const Tensor& X, const PackedWeights& W) {
   const ScaleMantissas sm = scale_mantissas(W);
   check_forward_bound(X, W, sm);
   Tensor Y(with_cols(X.shape(), N), Format::accumulator(64), X.exponent() + sm.exponent);
-  const std::int8_t* xp = X.data<std::int8_t>();
   for (std::int64_t r = 0; r < R; ++r)
     for (std::int64_t n = 0; n < N; ++n) {
       std::int64_t acc = 0;
       for (std::int64_t g = 0; g < ng; ++g) {
         std::int64_t p = 0;
         for (std::int64_t k = g * G; k < (g + 1) * G; ++k)
-          p += xp[r * K + k] * (static_cast<std::int64_t>(W.code(k, n)) - W.zero(n, g));
+          p += X.mantissa(r * K + k) * (static_cast<std::int64_t>(W.code(k, n)) - W.zero(n, g));
         acc += sm.c[static_cast<std::size_t>(n * ng + g)] * p;
       }
       Y.data<std::int64_t>()[r * N + n] = acc;
@@ -292,7 +343,7 @@ ErrorScaling error_scaling(const Tensor& dY, const PackedWeights& W, const Scale
 }  // namespace
 
 Tensor packed_matmul_t(const Tensor& dY, const PackedWeights& W, RngKey key) {
-  const Operand o = check_operand(dY, W.N(), "packed_matmul_t", "error");
+  const Operand o = check_operand(dY, W.N(), "packed_matmul_t", "error", false);
   const std::int64_t R = o.R, K = W.K(), N = W.N(), G = W.group(), ng = W.groups_per_column();
   std::vector<std::int8_t> codes(static_cast<std::size_t>(G * N));
 
@@ -353,7 +404,7 @@ Tensor packed_matmul_t(const Tensor& dY, const PackedWeights& W, RngKey key) {
 }
 
 Tensor packed_matmul_t_reference(const Tensor& dY, const PackedWeights& W, RngKey key) {
-  const Operand o = check_operand(dY, W.N(), "packed_matmul_t_reference", "error");
+  const Operand o = check_operand(dY, W.N(), "packed_matmul_t_reference", "error", false);
   const std::int64_t R = o.R, K = W.K(), N = W.N(), G = W.group(), ng = W.groups_per_column();
   if (o.is_float) {
     Tensor dX(with_cols(dY.shape(), K), Format::fp32());

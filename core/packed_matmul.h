@@ -10,14 +10,18 @@
 // Forward  Y = X·Ŵ, X [R, K]:
 //   fp32 X      -> fp32 Y [R, N] (per tile: X[:, g]·Ŵ_g by oneDNN f32, summed over g in order).
 //   integer X   -> exact acc64 Y [R, N], exponent eX + Es:
-//   (int8 storage)   Y[r, n] = Σ_g c[n, g] · P_g[r, n],
+//   (2-16 bits)      Y[r, n] = Σ_g c[n, g] · P_g[r, n],
 //                    P_g = X[:, g]·(Q_g − 2^(b−1)) + (2^(b−1) − z[n, g])·Σ_{k∈g} X[r, k]
 //                  P_g is exact in int32 (oneDNN s8·s8), the sum exact in int64:
 //                  |Y| ≤ K·qmax(X)·(2^b − 1)·max c, checked before running.
+//                  A 9-16-bit X (int16 storage) is split, X = 256·H + L + 128
+//                  with H, L in int8, and X_g·Q'_g is rebuilt exactly from the
+//                  two int8 products and the column sums of Q'_g.
 // Backward dX = dY·Ŵᵀ, dY [R, N]:
 //   fp32 dY     -> fp32 dX [R, K] (per tile: dY·Ŵ_gᵀ, written into dX[:, g]).
-//   integer dY  -> acc32 dX [R, K], exponent eE:
-//   (int8 storage)   the scale varies along N (the contraction), so it goes into
+//   integer dY  -> acc32 dX [R, K], exponent eE. 2-8 bits only: an int32 dX
+//   (int8 storage)   could not hold N·2^15·(2^b − 1) for 16-bit errors.
+//                  The scale varies along N (the contraction), so it goes into
 //                  the error: E_g[r, n] = round(dY[r, n]·c[n, g] / 2^sh), in
 //                  dY's own format and rounding mode, with one shift sh for all
 //                  groups (from max_n max|dY[:, n]|·max_g c[n, g], so nothing

@@ -222,13 +222,13 @@ void salient_matmul_add(Tensor& Y, const Tensor& X, const SalientWeights& S) {
     return;
   }
   // Integer: the term T[r, n] = Σ_j X[r, k_j]·v_j at exponent eX + Es, exact
-  // in int128 (|X| <= 2^7, |v| < 2^62, m < 2^32 terms per element at most).
+  // in int128 (|X| <= 2^15, |v| < 2^62, m < 2^32 terms per element at most).
   const int eT = X.exponent() + e.exponent, eY = Y.exponent();
   const int e_out = std::min(eT, eY);
-  const std::int8_t* x = X.data<std::int8_t>();
   std::int64_t* y = Y.data<std::int64_t>();
   // No exception may leave a parallel region: overflow is flagged and thrown after it.
   std::atomic<bool> overflow{false};
+  visit_int(X, [&](const auto* x) {
   for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
     std::vector<int128_t> t(static_cast<std::size_t>(N));
     for (std::int64_t r = r0; r < r1; ++r) {
@@ -244,6 +244,7 @@ void salient_matmul_add(Tensor& Y, const Tensor& X, const SalientWeights& S) {
       }
     }
   }, rpc);
+  });
   if (overflow) throw std::overflow_error("salient_matmul_add: the exact sum does not fit int64");
   Y.set_exponent(e_out);
 }

@@ -14,6 +14,7 @@
 
 #include "core/ops.h"
 #include "core/parallel.h"
+#include "core/precision.h"
 #include "core/safetensors.h"
 #include "experiments/checkpoint.h"
 #include "experiments/corpus.h"
@@ -96,7 +97,7 @@ DistillBatch distill_batch(const Tensor& student, const Tensor& teacher, const s
 
 std::int64_t tensor_bytes(const Tensor& t) { return static_cast<std::int64_t>(t.nbytes()); }
 
-// Bytes held by the student and the teacher, by kind (docs/lrec.md).
+// Bytes held by the student and the teacher, by kind (docs/int21.md).
 nlohmann::json memory_breakdown(GPT& student, GPT& teacher, const std::vector<LoraLinear*>& lora, int B, int T) {
   std::int64_t packed = 0, base_float = 0, adapters = 0, adapter_state = 0, teacher_bytes = 0;
   student.for_each_linear([&](const std::string&, std::unique_ptr<LinearLayer>& slot) {
@@ -210,11 +211,16 @@ nlohmann::json run_lrec(const LrecOptions& o) {
   if (o.adapter_format != "int" && o.adapter_format != "fp32") {
     throw std::invalid_argument("--adapter-format: '" + o.adapter_format + "' is not one of int, fp32");
   }
-  if (o.adapter_format == "fp32" && o.format != "int8" && o.format != "fp32") {
+  if (o.adapter_format == "fp32" && o.format != kLrecDefaultFormat && o.format != "fp32") {
     throw std::invalid_argument("--adapter-format fp32 trains the float reference, which has no integer --format; "
                                 "drop --format " + o.format);
   }
   const std::string student_format = o.adapter_format == "fp32" ? "fp32" : o.format;
+  if (const Precision sp = Precision::parse(student_format); !sp.is_float() && sp.linear_e().bits() > 8) {
+    // The packed base's backward (core/packed_matmul.h) takes errors of at most 8 bits.
+    throw std::invalid_argument("--format " + o.format + ": errors of " + std::to_string(sp.linear_e().bits()) +
+                                " bits cannot pass the packed weights (at most 8); use e8, e.g. --format " + kLrecDefaultFormat);
+  }
   GPT student = load_model(o.quantized, student_format, parse_rounding(o.rounding));
   const GPTConfig &tc = teacher.config(), &sc = student.config();
   if (tc.n_layer != sc.n_layer || tc.n_embd != sc.n_embd || tc.n_head != sc.n_head || tc.n_ctx != sc.n_ctx) {

@@ -41,6 +41,9 @@
 
 namespace intrain {
 
+// The default --format of `intrain lrec` and `intrain reproduce int21`.
+inline constexpr const char* kLrecDefaultFormat = "w8a16e8g8";
+
 struct LrecOptions {
   std::filesystem::path teacher, quantized, out = "runs/lrec";
   int rank = 2;
@@ -51,7 +54,12 @@ struct LrecOptions {
   double lr = 0.5, momentum = 0.9;
   long warmup = 20;
   double ce_weight = 0.06;  // per-token CE weight beside the per-token KL
-  std::string format = "int8";  // the student's (and its adapters') formats
+  // The student's (and its adapters') formats. The default keeps weights,
+  // adapters, errors and gradients at 8 bits but activations at 16 (split in
+  // int8 pieces for every product): with 8-bit activations the engine's own
+  // rounding is a KL floor above INT4's weight error (docs/int21.md, "The
+  // full run").
+  std::string format = kLrecDefaultFormat;
   // "int": the adapters train in --format (the integer engine); "fp32": the
   // float reference in the same engine: the student's activations, errors and
   // adapters in fp32 on the same packed base, same data, steps and seed.

@@ -204,7 +204,7 @@ int main(int argc, char** argv) {
 
   intrain::LrecOptions lr;
   std::string lrec_data;
-  auto* lrec = app.add_subcommand("lrec", "Train LoRA correctors of a quantized model against its float teacher (docs/lrec.md)");
+  auto* lrec = app.add_subcommand("lrec", "Train LoRA correctors of a quantized model against its float teacher (docs/int21.md)");
   lrec->add_option("--teacher", lr.teacher, "The float model.safetensors the quantized model came from")->required();
   lrec->add_option("--quantized", lr.quantized, "The packed model written by intrain quantize")->required();
   lrec->add_option("--out", lr.out, "Output folder (model.safetensors with adapters, metrics.csv, summary.json)");
@@ -268,7 +268,7 @@ int main(int argc, char** argv) {
   int21->add_option("--batch", rp.batch, "Sequences per step (teacher, LREC, memory runs)")->check(CLI::Range(1, 4096));
   int21->add_option("--lr", rp.lr, "LREC learning rate")->check(CLI::PositiveNumber);
   int21->add_option("--ce-weight", rp.ce_weight, "LREC cross-entropy weight (per token)")->check(CLI::NonNegativeNumber);
-  int21->add_option("--format", rp.format, "Formats of the LREC student and adapters (int8, fp32, ...)");
+  int21->add_option("--format", rp.format, "Formats of the integer LREC student and adapters (default w8a16e8g8: 16-bit activations; int8, ...)");
   int21->add_option("--eval-windows", rp.eval_windows, "Validation windows per evaluation (0: all)")->check(CLI::NonNegativeNumber);
   int21->add_option("--jobs", rp.jobs, "Stages run side by side")->check(CLI::Range(1, 256));
   int21->add_option("--threads", rp.threads, "OpenMP threads per stage (0: 1 with --jobs > 1, else all)")->check(CLI::NonNegativeNumber);

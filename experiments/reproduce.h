@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "experiments/lrec.h"
+
 namespace intrain {
 
 struct ReproduceOptions {
@@ -48,7 +50,7 @@ struct ReproduceOptions {
   int batch = 16;
   double lr = 0.5;
   double ce_weight = 0.06;
-  std::string format = "int8";
+  std::string format = kLrecDefaultFormat;  // of the integer LREC student (experiments/lrec.h)
   // Bit widths that also get the two references of docs/fidelity.md, for the
   // rank-sweep method (GPTQ): the float LoRA (`lrec --adapter-format fp32`) and
   // a KL-only run (--ce-weight 0), both at the same steps, data and seed.

@@ -40,9 +40,13 @@ struct TinySetup {
               0)
         << out;
   }
+  // lr 0.2: the default 0.5 (tuned at d = 256) is past the edge of stability
+  // for this d = 32 model: there the float LoRA reference diverges as well
+  // (KL 0.012 -> 2.6 in 40 steps, measured), at 0.2 every format cuts it by
+  // about three quarters.
   std::string lrec_args(const fs::path& out, int steps = 40) const {
     return "lrec --teacher " + teacher.string() + " --quantized " + quantized.string() + " --data " +
-           testing::tiny_corpus().string() + " --rank 2 --steps " + std::to_string(steps) + " --batch 8 --lr 0.5 --eval-windows 16 --threads 1 --quiet --out " +
+           testing::tiny_corpus().string() + " --rank 2 --steps " + std::to_string(steps) + " --batch 8 --lr 0.2 --eval-windows 16 --threads 1 --quiet --out " +
            out.string();
   }
 };
@@ -118,6 +122,14 @@ TEST(LrecCli, BadInputNamesTheFlag) {
   EXPECT_NE(log.find("missing.safetensors"), std::string::npos) << log;
   EXPECT_NE(run_cli("lrec --teacher " + s.teacher.string() + " --quantized " + s.quantized.string() + " --rank 0", &log), 0);
   EXPECT_NE(log.find("--rank"), std::string::npos) << log;
+  // 16-bit errors cannot pass the packed base: refused before any work, naming the flag and the fix.
+  EXPECT_NE(run_cli("lrec --teacher " + s.teacher.string() + " --quantized " + s.quantized.string() + " --format int16 --out " +
+                        (s.dir / "bad3").string(),
+                    &log),
+            0);
+  EXPECT_NE(log.find("--format int16"), std::string::npos) << log;
+  EXPECT_NE(log.find("e8"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(s.dir / "bad3" / "summary.json"));
 }
 
 // `intrain ablate --lrec-*`: a bit-width sweep of LREC on one packed model.

@@ -244,27 +244,32 @@ Tensor float_tensor(Shape shape, std::uint64_t seed) {
   return quantize(v, shape, Format::fp32());
 }
 
+// packed_matmul(X, W) is bit-identical to the plain loops and equal to the
+// double product X·Ŵ of the dequantized weight. The caller makes sure the
+// double sum is exact (few enough bits per term and terms), so equality is exact.
+void expect_exact_product(const Tensor& X, const PackedWeights& W) {
+  const std::int64_t R = X.rows(), K = W.K(), N = W.N();
+  const Tensor Y = packed_matmul(X, W), Yr = packed_matmul_reference(X, W);
+  ASSERT_EQ(Y.format(), Format::accumulator(64));
+  ASSERT_EQ(Y.exponent(), Yr.exponent());
+  for (std::int64_t i = 0; i < Y.numel(); ++i) ASSERT_EQ(Y.data<std::int64_t>()[i], Yr.data<std::int64_t>()[i]);
+  const std::vector<float> Wd = W.dequantize();
+  for (std::int64_t r = 0; r < R; ++r)
+    for (std::int64_t n = 0; n < N; ++n) {
+      double s = 0;
+      for (std::int64_t k = 0; k < K; ++k) s += X.value(r * K + k) * Wd[static_cast<std::size_t>(k * N + n)];
+      ASSERT_EQ(Y.value(r * N + n), s) << X.describe() << ", " << W.bits() << " bits, group " << W.group() << ", (" << r << ", " << n << ")";
+    }
+}
+
 TEST(PackedMatmul, IntegerForwardExactAgainstLoopsAndDequantizedWeights) {
   for (int bits : {2, 3, 4, 8})
     for (int G : {32, 128}) {
       const std::int64_t R = 37, K = 256, N = 48;
       const PackedWeights W = quantize_rtn(normal_weights(K * N, static_cast<std::uint64_t>(bits + G)), K, N, bits, G);
       const Tensor X = testing::random_int({R, K}, Format::fixed(8), static_cast<std::uint64_t>(bits * G), testing::Fill::Uniform, -7);
-      const Tensor Y = packed_matmul(X, W);
-      const Tensor Yr = packed_matmul_reference(X, W);
-      ASSERT_EQ(Y.format(), Format::accumulator(64));
-      ASSERT_EQ(Y.exponent(), Yr.exponent());
-      for (std::int64_t i = 0; i < Y.numel(); ++i) ASSERT_EQ(Y.data<std::int64_t>()[i], Yr.data<std::int64_t>()[i]);
-      // The integer result is the exact real product X·Ŵ. The double sum below
-      // is exact too (terms of <= 8 + 11 + 8 bits over a spread of a few
-      // binades, K = 256 of them: far below 53 bits), so equality is exact.
-      const std::vector<float> Wd = W.dequantize();
-      for (std::int64_t r = 0; r < R; ++r)
-        for (std::int64_t n = 0; n < N; ++n) {
-          double s = 0;
-          for (std::int64_t k = 0; k < K; ++k) s += X.value(r * K + k) * Wd[static_cast<std::size_t>(k * N + n)];
-          ASSERT_EQ(Y.value(r * N + n), s) << "bits " << bits << " G " << G;
-        }
+      // Terms of <= 8 + 11 + 8 bits over a spread of a few binades, K = 256 of them.
+      expect_exact_product(X, W);
     }
 }
 
@@ -346,11 +351,27 @@ TEST(PackedMatmul, SameBitsWhateverTheThreadCount) {
   for (std::int64_t i = 0; i < dX1.numel(); ++i) ASSERT_EQ(dX1.data<std::int32_t>()[i], dX2.data<std::int32_t>()[i]);
 }
 
-TEST(PackedMatmul, RejectsWideActivations) {
+TEST(PackedMatmul, SixteenBitForwardExactAgainstLoopsAndDequantizedWeights) {
+  // A 9-16-bit X is split in two int8 pieces inside packed_matmul; the result
+  // must still be the exact product. Mantissas span the whole 16-bit range,
+  // with the extremes ±32767 planted in the first row, where the high piece
+  // of the split is at its bounds.
+  for (int bits : {2, 4, 8}) {
+    const std::int64_t R = 19, K = 128, N = 24, G = 32;
+    const PackedWeights W = quantize_rtn(normal_weights(K * N, static_cast<std::uint64_t>(bits + 40)), K, N, bits, G);
+    Tensor X = testing::random_int({R, K}, Format::fixed(16), static_cast<std::uint64_t>(bits + 41), testing::Fill::Uniform, -13);
+    for (std::int64_t k = 0; k < K; ++k) X.data<std::int16_t>()[k] = static_cast<std::int16_t>(k % 2 ? 32767 : -32767);
+    // Terms of <= 16 + 11 + 8 bits, K = 128 of them.
+    expect_exact_product(X, W);
+  }
+}
+
+TEST(PackedMatmul, RejectsWideErrors) {
   const PackedWeights W = quantize_rtn(normal_weights(64 * 8, 1), 64, 8, 4, 32);
-  const Tensor X = testing::random_int({3, 64}, Format::fixed(12), 1);
-  const std::string m = testing::thrown_message<std::invalid_argument>([&] { (void)packed_matmul(X, W); });
+  const Tensor dY = testing::random_int({3, 8}, Format::fixed(12), 1);
+  const std::string m = testing::thrown_message<std::invalid_argument>([&] { (void)packed_matmul_t(dY, W, {}); });
   EXPECT_MESSAGE_HAS(m, "2 to 8 bits");
+  EXPECT_MESSAGE_HAS(m, "e8");
 }
 
 }  // namespace
