@@ -139,7 +139,7 @@ nlohmann::json memory_breakdown(GPT& student, GPT& teacher, const std::vector<Lo
 }
 
 // Effective bits per quantized base weight: (packed codes + scales + zeros +
-// stored adapter bits) / base weights.
+// AdpQ's salient part + stored adapter bits) / base weights.
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
@@ -153,6 +153,7 @@ nlohmann::json effective_bits(GPT& student, const std::vector<LoraLinear*>& lora
       const double n = static_cast<double>(q->weights().K() * q->weights().N());
       base_weights += n;
       packed_bits += q->weights().bits_per_weight() * n;
+      if (q->salient()) packed_bits += q->salient()->bits_per_weight() * n;
     }
   });
   for (LoraLinear* l : lora)
@@ -169,13 +170,14 @@ nlohmann::json effective_bits(GPT& student, const std::vector<LoraLinear*>& lora
 nlohmann::json storage_breakdown(const fs::path& model, double base_weights) {
   const SafeTensorsFile f = read_safetensors(model);
   std::map<std::string, std::int64_t> bytes;
-  for (const char* c : {"packed_codes", "scales_and_zeros", "adapters", "embeddings", "norms", "biases", "other"}) bytes[c] = 0;
+  for (const char* c : {"packed_codes", "scales_and_zeros", "salient", "adapters", "embeddings", "norms", "biases", "other"}) bytes[c] = 0;
   std::int64_t data = 0;
   for (const auto& [name, t] : f.tensors) {
     const auto n = static_cast<std::int64_t>(t.data.size());
     data += n;
     const std::string c = ends_with(name, ".qweight")                                     ? "packed_codes"
                           : ends_with(name, ".scales") || ends_with(name, ".qzeros")        ? "scales_and_zeros"
+                          : name.find(".salient_") != std::string::npos                    ? "salient"
                           : ends_with(name, ".lora_A") || ends_with(name, ".lora_B")        ? "adapters"
                           : name == "wte.weight" || name == "wpe.weight"                    ? "embeddings"
                           : name.rfind("ln_", 0) == 0 || name.find(".ln_") != std::string::npos ? "norms"

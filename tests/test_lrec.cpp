@@ -132,6 +132,33 @@ TEST(LrecCli, BadInputNamesTheFlag) {
   EXPECT_FALSE(fs::exists(s.dir / "bad3" / "summary.json"));
 }
 
+// AdpQ's salient part (core/salient_weights.h) counts in the effective bits
+// and has its own storage category.
+TEST(LrecCli, EffectiveBitsCountAdpqSalientWeights) {
+  const TinySetup& s = setup();
+  const fs::path q = s.dir / "adpq2.safetensors", out = s.dir / "bits-adpq";
+  std::string log;
+  ASSERT_EQ(run_cli("quantize --model " + s.teacher.string() + " --bits 2 --group 8 --method adpq --out " + q.string(), &log), 0) << log;
+  ASSERT_EQ(run_cli("lrec --teacher " + s.teacher.string() + " --quantized " + q.string() + " --data " +
+                        testing::tiny_corpus().string() + " --rank 2 --steps 2 --batch 8 --eval-windows 4 --threads 1 --quiet --out " +
+                        out.string(),
+                    &log),
+            0)
+      << log;
+  const json sum = read(out / "summary.json");
+  const json& st = sum["storage"];
+  EXPECT_GT(st["bytes"]["salient"].get<std::int64_t>(), 0);
+  EXPECT_EQ(st["bytes"]["other"].get<std::int64_t>(), 0) << st.dump(1);
+  const double n = sum["bits"]["base_weights"], adapter_exponents = 8.0 * 8;
+  const double counted = 8.0 * (st["bytes"]["packed_codes"].get<double>() + st["bytes"]["scales_and_zeros"].get<double>() +
+                                st["bytes"]["salient"].get<double>() + st["bytes"]["adapters"].get<double>()) + adapter_exponents;
+  // Not exact: for each of the 4 linears, bits_per_weight() counts the 32-bit
+  // entry count (kept in the header's metadata) but not the padding of the
+  // four bit streams to whole bytes (< 8 bits each): the two differ by at
+  // most 4 x 32 bits one way and 4 x 4 x 7 the other.
+  EXPECT_NEAR(sum["bits"]["effective_bits"].get<double>() * n, counted, 4.0 * 32);
+}
+
 // `intrain ablate --lrec-*`: a bit-width sweep of LREC on one packed model.
 // Every cell is an `intrain lrec` run; the report's loss is each cell's
 // validation KL after LREC, the fp32 cell is the float LoRA reference, and a
