@@ -24,6 +24,7 @@
 #include "layers/gpt.h"
 #include "layers/lora.h"
 #include "layers/quantized_linear.h"
+#include "optim/grad_clip.h"
 #include "optim/sgd.h"
 
 namespace intrain {
@@ -252,11 +253,13 @@ nlohmann::json run_lrec(const LrecOptions& o) {
   const LrSchedule sched{o.lr, o.warmup, o.steps, 0.1};
   std::ofstream metrics(metrics_path);
   metrics.precision(9);
-  metrics << "step,loss,kl,ce,lr,tokens_per_s\n";
+  metrics << "step,loss,kl,ce,lr,grad_norm,clip_shift,tokens_per_s\n";
   std::vector<std::int32_t> x(static_cast<std::size_t>(B) * T), y(x.size());
   const bool tty = isatty(STDERR_FILENO) && !o.quiet;
   double last_kl = NAN, last_ce = NAN;
   std::vector<double> step_s;
+  long clipped_steps = 0;
+  double max_grad_norm = 0.0;
   for (long step = 0; step < o.steps; ++step) {
     const auto t0 = Clock::now();
     sample_batch(corpus.train, o.seed, static_cast<std::uint64_t>(step), B, T, x.data(), y.data());
@@ -269,14 +272,17 @@ nlohmann::json run_lrec(const LrecOptions& o) {
     student.backward(soft_cross_entropy_grad(student.logits(), d.target, 1.0 + o.ce_weight, prec.e,
                                              RngKey(o.seed, stream_id(static_cast<std::uint64_t>(step), 2))));
     const double lr = sched.at(step);
+    const GradClip clip = clip_grad_norm(params, o.clip_grad_norm);
+    clipped_steps += clip.shift > 0;
+    max_grad_norm = std::max(max_grad_norm, clip.norm);
     opt.step(params, prec.g, lr, static_cast<std::uint64_t>(step), o.seed);
     for (LoraLinear* l : lora) l->refresh_values(static_cast<std::uint64_t>(step + 1), o.seed);
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     step_s.push_back(dt);
     last_kl = d.kl;
     last_ce = d.ce;
-    metrics << step << ',' << d.kl + o.ce_weight * d.ce << ',' << d.kl << ',' << d.ce << ',' << lr << ','
-            << static_cast<double>(B) * T / dt << '\n';
+    metrics << step << ',' << d.kl + o.ce_weight * d.ce << ',' << d.kl << ',' << d.ce << ',' << lr << ',' << clip.norm
+            << ',' << clip.shift << ',' << static_cast<double>(B) * T / dt << '\n';
     if (!o.quiet && (tty || (step + 1) % 50 == 0 || step + 1 == o.steps)) {
       std::fprintf(stderr, "%sstep %ld/%ld  kl %.4f  ce %.4f  %.0f tok/s%s", tty ? "\r" : "", step + 1, o.steps, d.kl,
                    d.ce, static_cast<double>(B) * T / dt, tty ? "   " : "\n");
@@ -303,6 +309,8 @@ nlohmann::json run_lrec(const LrecOptions& o) {
   j["after"] = after;
   j["final_train_kl"] = last_kl;
   j["final_train_ce"] = last_ce;
+  j["clipped_steps"] = clipped_steps;
+  j["max_grad_norm"] = max_grad_norm;
   j["bits"] = effective_bits(student, lora, adapter_bits);
   j["storage"] = storage_breakdown(model_path, j["bits"]["base_weights"].get<double>());
   j["memory"] = memory_breakdown(student, teacher, lora, B, T);
@@ -317,7 +325,7 @@ nlohmann::json run_lrec(const LrecOptions& o) {
                  {"lr", o.lr},                    {"momentum", o.momentum},            {"warmup", o.warmup},
                  {"ce_weight", o.ce_weight},      {"format", prec.name()},             {"seed", o.seed},
                  {"targets", o.targets},          {"data", corpus.name},               {"commit", build_commit()},
-                 {"adapter_format", o.adapter_format}};
+                 {"adapter_format", o.adapter_format}, {"clip_grad_norm", o.clip_grad_norm}};
   const fs::path tmp = summary_path.string() + ".tmp";
   {
     std::ofstream out(tmp);

@@ -27,7 +27,8 @@
 //                      (I8 mantissas with "lora.exponent.<name>" in integer
 //                      runs, F32 in float runs) and "lora.*" metadata;
 //                      `intrain eval` loads it with its adapters.
-//   metrics.csv        step, loss, kl, ce, lr, tokens_per_s
+//   metrics.csv        step, loss, kl, ce, lr, grad_norm (before clipping),
+//                      clip_shift (gradients scaled by 2^-clip_shift), tokens_per_s
 //   summary.json       before/after evaluation, effective bits, memory
 #pragma once
 
@@ -54,6 +55,12 @@ struct LrecOptions {
   double lr = 0.5, momentum = 0.9;
   long warmup = 20;
   double ce_weight = 0.06;  // per-token CE weight beside the per-token KL
+  // The gradients' global L2 norm is clipped to this by a power of two
+  // (optim/grad_clip.h) before every step; 0: no clipping. At lr 0.5 RTN and
+  // AdpQ INT2 students (starting KL ~1) diverge without it: their norm grows
+  // from 0.5 to 1.5 over the warmup and then explodes, while GPTQ's stays
+  // near 0.2-0.4 (docs/int21.md, "Gradient clipping").
+  double clip_grad_norm = 1.0;
   // The student's (and its adapters') formats. The default keeps weights,
   // adapters, errors and gradients at 8 bits but activations at 16 (split in
   // int8 pieces for every product): with 8-bit activations the engine's own

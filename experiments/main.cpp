@@ -219,6 +219,9 @@ int main(int argc, char** argv) {
   lrec->add_option("--lr", lr.lr, "Peak learning rate of the adapters' SGD")->check(CLI::PositiveNumber);
   lrec->add_option("--momentum", lr.momentum, "SGD momentum")->check(CLI::Range(0.0, 0.9999));
   lrec->add_option("--warmup", lr.warmup, "Linear warmup steps")->check(CLI::NonNegativeNumber);
+  lrec->add_option("--clip-grad-norm", lr.clip_grad_norm,
+                   "Clip the adapters' global gradient norm to this by a power of two before each step (default 1; 0: off)")
+      ->check(CLI::NonNegativeNumber);
   lrec->add_option("--ce-weight", lr.ce_weight, "Weight of the per-token cross-entropy beside the per-token KL")
       ->check(CLI::NonNegativeNumber);
   add_format_flags(lrec, lr.format, lr.rounding);
@@ -267,6 +270,8 @@ int main(int argc, char** argv) {
   int21->add_option("--lrec-steps", rp.lrec_steps, "LREC steps per run")->check(CLI::Range(1L, 100000000L));
   int21->add_option("--batch", rp.batch, "Sequences per step (teacher, LREC, memory runs)")->check(CLI::Range(1, 4096));
   int21->add_option("--lr", rp.lr, "LREC learning rate")->check(CLI::PositiveNumber);
+  int21->add_option("--clip-grad-norm", rp.clip_grad_norm, "LREC gradient clipping: global norm limit (0: off)")
+      ->check(CLI::NonNegativeNumber);
   int21->add_option("--ce-weight", rp.ce_weight, "LREC cross-entropy weight (per token)")->check(CLI::NonNegativeNumber);
   int21->add_option("--format", rp.format, "Formats of the integer LREC student and adapters (default w8a16e8g8: 16-bit activations; int8, ...)");
   int21->add_option("--eval-windows", rp.eval_windows, "Validation windows per evaluation (0: all)")->check(CLI::NonNegativeNumber);

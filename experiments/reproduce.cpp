@@ -78,7 +78,7 @@ std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std:
 json pinned_settings(const ReproduceOptions& o, const fs::path& teacher) {
   return {{"teacher", teacher.string()}, {"group", o.group},         {"calib_tokens", o.calib_tokens},
           {"lrec_steps", o.lrec_steps},  {"batch", o.batch},         {"lr", o.lr},
-          {"ce_weight", o.ce_weight},    {"format", o.format},       {"eval_windows", o.eval_windows},
+          {"ce_weight", o.ce_weight},    {"clip_grad_norm", o.clip_grad_norm}, {"format", o.format},       {"eval_windows", o.eval_windows},
           {"alpha_per_rank", o.alpha > 0.0 ? o.alpha / o.rank : 4.0}, {"seed", o.seed},
           {"data", o.data ? o.data->string() : "kjv"}};
 }
@@ -297,7 +297,8 @@ int run_reproduce_int21(const ReproduceOptions& o) {
                     plus({"lrec", "--teacher", teacher.string(), "--quantized",
                           (o.out / "quantized" / (quantized_name(m, b) + ".safetensors")).string(), "--rank",
                           std::to_string(rank), "--alpha", s(alpha), "--steps", std::to_string(steps), "--batch",
-                          std::to_string(o.batch), "--lr", s(o.lr), "--ce-weight", s(ce_weight), "--format", format,
+                          std::to_string(o.batch), "--lr", s(o.lr), "--clip-grad-norm", s(o.clip_grad_norm),
+                          "--ce-weight", s(ce_weight), "--format", format,
                           "--adapter-format", adapter_format,
                           "--eval-windows", std::to_string(eval_windows), "--seed", std::to_string(o.seed), "--quiet",
                           "--overwrite", "--out", dir.string()},

@@ -50,6 +50,7 @@ struct ReproduceOptions {
   int batch = 16;
   double lr = 0.5;
   double ce_weight = 0.06;
+  double clip_grad_norm = 1.0;  // LREC's gradient clipping (experiments/lrec.h; 0: off)
   std::string format = kLrecDefaultFormat;  // of the integer LREC student (experiments/lrec.h)
   // Bit widths that also get the two references of docs/fidelity.md, for the
   // rank-sweep method (GPTQ): the float LoRA (`lrec --adapter-format fp32`) and

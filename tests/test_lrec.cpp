@@ -4,9 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <cmath>
+#include <iterator>
 #include <map>
+#include <sstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "run_support.h"
 
@@ -104,6 +108,54 @@ TEST(LrecCli, EffectiveBitsAddUpToTheFileOnDisk) {
                                 st["bytes"]["adapters"].get<double>()) + adapter_exponents;
   // Exact in double: every term is an integer below 2^53.
   EXPECT_EQ(sum["bits"]["effective_bits"].get<double>() * n, counted);
+}
+
+// Gradient clipping (optim/grad_clip.h) adds no rounding: a limit the run
+// never reaches gives the same model file, byte for byte, as no clipping,
+// and a limit under every step's norm clips every step (and is reported).
+TEST(LrecCli, GradientClippingChangesNothingUntilItTriggers) {
+  const TinySetup& s = setup();
+  auto run = [&](const std::string& name, const std::string& clip) {
+    const fs::path out = s.dir / name;
+    std::string log;
+    EXPECT_EQ(run_cli(s.lrec_args(out, 6) + " --clip-grad-norm " + clip, &log), 0) << log;
+    return out;
+  };
+  auto bytes = [](const fs::path& p) {
+    std::ifstream in(p, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  const fs::path off = run("clip-off", "0"), high = run("clip-high", "1e6"), low = run("clip-low", "1e-6");
+  EXPECT_EQ(read(off / "summary.json")["clipped_steps"], 0);
+  EXPECT_EQ(read(high / "summary.json")["clipped_steps"], 0);
+  EXPECT_EQ(bytes(off / "model.safetensors"), bytes(high / "model.safetensors"));
+  const json sl = read(low / "summary.json");
+  EXPECT_EQ(sl["clipped_steps"], 6);
+  EXPECT_EQ(sl["config"]["clip_grad_norm"], 1e-6);
+  EXPECT_NE(bytes(off / "model.safetensors"), bytes(low / "model.safetensors"));
+  // metrics.csv: the first step's norm is measured before any update, so it
+  // is the same in both runs; the low limit's shift brings it under 1e-6.
+  auto first_row = [](const fs::path& p) {
+    std::ifstream in(p / "metrics.csv");
+    std::string header, row;
+    std::getline(in, header);
+    std::getline(in, row);
+    EXPECT_EQ(header, "step,loss,kl,ce,lr,grad_norm,clip_shift,tokens_per_s");
+    std::vector<std::string> f;
+    std::stringstream ss(row);
+    for (std::string x; std::getline(ss, x, ',');) f.push_back(x);
+    return f;
+  };
+  const auto a = first_row(off), b = first_row(low);
+  ASSERT_EQ(a.size(), 8u);
+  ASSERT_EQ(b.size(), 8u);
+  EXPECT_EQ(a[5], b[5]);
+  EXPECT_EQ(a[6], "0");
+  const double norm = std::stod(b[5]);
+  const int shift = std::stoi(b[6]);
+  EXPECT_GT(norm, 1e-6);
+  EXPECT_LE(std::ldexp(norm, -shift), 1e-6);
+  EXPECT_GT(std::ldexp(norm, -shift), 0.5e-6);
 }
 
 TEST(LrecCli, BadInputNamesTheFlag) {

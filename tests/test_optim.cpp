@@ -8,6 +8,7 @@
 
 #include "core/ops.h"
 #include "core/quantize.h"
+#include "optim/grad_clip.h"
 #include "optim/sgd.h"
 
 namespace intrain {
@@ -80,6 +81,55 @@ TEST(SgdInteger, FollowsFloatUpdate) {
       EXPECT_LT(e8, 5e-2);
     }
   }
+}
+
+// Clipping by a power of two: the norm is exact on a 3-4-5 triangle split
+// over two parameters (one integer, one float), clipping lowers the integer
+// gradient's exponent without touching its mantissas and scales the float
+// one by the same 2^-k, and a norm at or under the limit changes nothing.
+TEST(GradClip, PowerOfTwoFactorSameInBothEngines) {
+  auto int_param = [](std::int64_t m, int e) {
+    Param p;
+    Tensor g(Shape{1}, Format::accumulator(64), e);
+    g.data<std::int64_t>()[0] = m;
+    p.accumulate(std::move(g));
+    return p;
+  };
+  auto float_param = [](float v) {
+    Param p;
+    Tensor g(Shape{1}, Format::fp32());
+    g.data<float>()[0] = v;
+    p.accumulate(std::move(g));
+    return p;
+  };
+  // 3 * 2^-2 = 0.75 and 1.0: norm 1.25.
+  Param a = int_param(3, -2), b = float_param(1.0f), unused;
+  std::vector<Param*> ps{&a, &b, &unused};
+  EXPECT_DOUBLE_EQ(grad_norm(ps), 1.25);
+
+  // At or above the norm: nothing moves.
+  GradClip c = clip_grad_norm(ps, 1.25);
+  EXPECT_EQ(c.shift, 0);
+  EXPECT_EQ(a.grad.exponent(), -2);
+  EXPECT_EQ(b.grad.data<float>()[0], 1.0f);
+
+  // 1.25 / 0.3 = 4.17: k = 3, norm 1.25 / 8 = 0.15625 in (0.15, 0.3].
+  c = clip_grad_norm(ps, 0.3);
+  EXPECT_DOUBLE_EQ(c.norm, 1.25);
+  EXPECT_EQ(c.shift, 3);
+  EXPECT_EQ(a.grad.data<std::int64_t>()[0], 3);
+  EXPECT_EQ(a.grad.exponent(), -5);
+  EXPECT_EQ(b.grad.data<float>()[0], 0.125f);
+  EXPECT_DOUBLE_EQ(grad_norm(ps), 0.15625);
+
+  // A limit exactly one octave below the norm is reached with k = 1, not 2.
+  c = clip_grad_norm(ps, 0.078125);
+  EXPECT_EQ(c.shift, 1);
+  EXPECT_DOUBLE_EQ(grad_norm(ps), 0.078125);
+
+  // 0 only measures; a non-finite limit is refused.
+  EXPECT_EQ(clip_grad_norm(ps, 0.0).shift, 0);
+  EXPECT_THROW(clip_grad_norm(ps, std::nan("")), std::invalid_argument);
 }
 
 TEST(LrScheduleTest, WarmupThenCosine) {
