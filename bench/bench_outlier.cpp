@@ -12,6 +12,8 @@
 //
 // Counters (medians over the iterations, milliseconds per fwd+bwd):
 //   split16_ms, tiled_ms, int8_ms, speedup = split16_ms / tiled_ms,
+//   split_ms, tiled_y_ms, tiled_dw_ms, tiled_dx_ms: the parts of tiled_ms
+//   (both outlier_split calls, then each product),
 //   x_frac / dy_frac: outlier fractions of X and dY.
 //
 // Outlier patterns, found by the training default rms:5 (planted magnitudes
@@ -113,7 +115,7 @@ void bm_linear(benchmark::State& state, Layer L, Pattern p, int threads) {
   const OutlierPolicy px{}, pd{};  // rms:5
   using Clock = std::chrono::steady_clock;
   auto ms = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
-  std::vector<double> t16, tt, t8;
+  std::vector<double> t16, tt, t8, tsplit, tfwd, tdw, tdx;  // the last four: parts of tt
   double xf = 0, df = 0;
   std::int64_t sink = 0;
   // Y = X·W, dW = Xᵀ·dY, dX = dY·Wᵀ through the dispatching matmul.
@@ -129,13 +131,21 @@ void bm_linear(benchmark::State& state, Layer L, Pattern p, int threads) {
     const auto b = Clock::now();
     {
       const intrain::OutlierSplit sx = intrain::outlier_split(X, px, intrain::RngKey(1, 1));
-      const Tensor Y = intrain::matmul_tiled(sx, W8);
       const intrain::OutlierSplit sd = intrain::outlier_split(dY, pd, intrain::RngKey(1, 2));
+      const auto s1 = Clock::now();
+      const Tensor Y = intrain::matmul_tiled(sx, W8);
+      const auto s2 = Clock::now();
       const Tensor dW = intrain::matmul_tiled(sx, sd, Trans::T, Trans::N);
+      const auto s3 = Clock::now();
       const Tensor dX = intrain::matmul_tiled(sd, W8, Trans::N, Trans::T);
+      const auto s4 = Clock::now();
       sink += Y.numel() + dW.numel() + dX.numel();
       xf = sx.fraction();
       df = sd.fraction();
+      tsplit.push_back(ms(b, s1));
+      tfwd.push_back(ms(s1, s2));
+      tdw.push_back(ms(s2, s3));
+      tdx.push_back(ms(s3, s4));
     }
     const auto c = Clock::now();
     plain_fwd_bwd(X8, W8, dY8);
@@ -150,6 +160,10 @@ void bm_linear(benchmark::State& state, Layer L, Pattern p, int threads) {
   state.counters["tiled_ms"] = mt;
   state.counters["int8_ms"] = m8;
   state.counters["speedup"] = m16 / mt;
+  state.counters["split_ms"] = median(tsplit);
+  state.counters["tiled_y_ms"] = median(tfwd);
+  state.counters["tiled_dw_ms"] = median(tdw);
+  state.counters["tiled_dx_ms"] = median(tdx);
   state.counters["x_frac"] = xf;
   state.counters["dy_frac"] = df;
   state.SetLabel(std::string(L.name) + " " + std::to_string(kRows) + "x" + std::to_string(L.in) + "->" +
