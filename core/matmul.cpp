@@ -39,6 +39,7 @@
 #include <string>
 #include <vector>
 
+#include "core/int16_pieces.h"
 #include "core/onednn_gemm.h"
 #include "core/parallel.h"
 #include "core/rounding.h"
@@ -222,12 +223,8 @@ INTRAIN_CLONES void split_rows_left(const std::int16_t* x, std::uint8_t* p0, std
     p1[i] = static_cast<std::uint8_t>(v & 255);
   }
 }
-INTRAIN_CLONES void split_rows_right(const std::int16_t* x, std::int8_t* p0, std::int8_t* p1, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) {
-    const std::int32_t v = x[i];
-    p0[i] = static_cast<std::int8_t>((v & 255) - 128);
-    p1[i] = static_cast<std::int8_t>(v >> 8);
-  }
+void split_rows_right(const std::int16_t* x, std::int8_t* p0, std::int8_t* p1, std::int64_t n) {
+  split_int16_s8(x, /*high=*/p1, /*low=*/p0, n);
 }
 
 // Bytes of workspace the split of X needs (0 when X is not split).
@@ -523,6 +520,15 @@ Tensor matmul(const Tensor& A, const Tensor& B, Trans ta, Trans tb) {
   const MatmulDims d = matmul_dims(A, B, ta, tb);
   if (path == MatmulPath::Float) return matmul_float(A, B, ta, tb, d);
   return matmul_integer(A, B, ta, tb, d);
+}
+
+// Declared in core/int16_pieces.h.
+INTRAIN_CLONES void split_int16_s8(const std::int16_t* x, std::int8_t* high, std::int8_t* low, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int32_t v = x[i];
+    high[i] = static_cast<std::int8_t>(v >> 8);
+    low[i] = static_cast<std::int8_t>((v & 255) - 128);
+  }
 }
 
 }  // namespace intrain

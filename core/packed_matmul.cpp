@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "core/int16_pieces.h"
 #include "core/onednn_gemm.h"
 #include "core/parallel.h"
 #include "core/rounding.h"
@@ -104,16 +105,6 @@ INTRAIN_CLONES void scale_accumulate_split_row(std::int64_t* y, const std::int32
   for (std::int64_t n = 0; n < N; ++n) {
     const std::int64_t t = c[n] * (256 * std::int64_t{ph[n]} + pl[n] + 128 * cs[n] + zc[n] * s);
     y[n] = first ? t : y[n] + t;
-  }
-}
-
-// Pieces of a 16-bit row for oneDNN's s8 source: h = x >> 8, l = (x & 255) − 128,
-// both in [−128, 127], with x = 256·h + l + 128 (core/matmul.cpp's right-operand split).
-INTRAIN_CLONES void split_row(const std::int16_t* x, std::int8_t* h, std::int8_t* l, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) {
-    const std::int32_t v = x[i];
-    h[i] = static_cast<std::int8_t>(v >> 8);
-    l[i] = static_cast<std::int8_t>((v & 255) - 128);
   }
 }
 
@@ -217,7 +208,7 @@ Tensor packed_matmul(const Tensor& X, const PackedWeights& W) {
     pieces.resize(static_cast<std::size_t>(2 * R * K));
     const std::int16_t* x16 = X.data<std::int16_t>();
     for_chunks(R, [&](std::int64_t, std::int64_t r0, std::int64_t r1) {
-      for (std::int64_t r = r0; r < r1; ++r) split_row(x16 + r * K, pieces.data() + r * K, pieces.data() + (R + r) * K, K);
+      for (std::int64_t r = r0; r < r1; ++r) split_int16_s8(x16 + r * K, pieces.data() + r * K, pieces.data() + (R + r) * K, K);
     }, rows_per_chunk(K));
   }
   const std::int8_t* src = split ? pieces.data() : X.data<std::int8_t>();
