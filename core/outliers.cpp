@@ -406,10 +406,8 @@ struct Entry {
 std::vector<Entry> entries(const OutlierSplit& s, Trans t) {
   const std::int64_t cols = s.bulk.cols();
   std::vector<Entry> e(s.index.size());
-  std::int64_t r = 0;  // the indices ascend: the row advances, no division per outlier
   for (std::size_t q = 0; q < e.size(); ++q) {
-    while (s.index[q] >= (r + 1) * cols) ++r;
-    const std::int64_t c = s.index[q] - r * cols;
+    const std::int64_t r = s.index[q] / cols, c = s.index[q] % cols;
     e[q] = t == Trans::N ? Entry{r, c, s.high[q]} : Entry{c, r, s.high[q]};
   }
   return e;
@@ -525,13 +523,9 @@ OutlierLines group_by_line(const OutlierSplit& S, Trans t, bool rows_of_op) {
   const std::size_t n = S.index.size();
   // Each outlier's line (b·L + row or column) and other coordinate.
   std::vector<std::int64_t> key(n), other(n);
-  std::int64_t row = 0, b = 0, sr = 0;  // row counts over the batch; the indices ascend, so all three advance
   for (std::size_t q = 0; q < n; ++q) {
-    while (S.index[q] >= (row + 1) * c) {
-      ++row;
-      if (++sr == r) sr = 0, ++b;
-    }
-    const std::int64_t col = S.index[q] - row * c;
+    const std::int64_t row = S.index[q] / c, col = S.index[q] - row * c;  // row counts over the batch
+    const std::int64_t b = row / r, sr = row - b * r;
     key[q] = storage_rows ? row : b * c + col;
     other[q] = storage_rows ? col : sr;
   }
@@ -781,9 +775,7 @@ Tensor matmul_tiled(const TiledOperand& A, const TiledOperand& B, Trans ta, Tran
     visit_int(C, [&](const auto* x) {
       visit_int(wide, [&](auto* w) {
         using TW = std::remove_pointer_t<decltype(w)>;
-        for_chunks(C.numel(), [&](std::int64_t, std::int64_t i0, std::int64_t i1) {
-          for (std::int64_t i = i0; i < i1; ++i) w[i] = static_cast<TW>(x[i]);
-        });
+        for (std::int64_t i = 0; i < C.numel(); ++i) w[i] = static_cast<TW>(x[i]);
       });
     });
     C = std::move(wide);
