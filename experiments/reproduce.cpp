@@ -171,14 +171,14 @@ std::string markdown(const json& report) {
     << c["rank"] << ", adapters in " << c["format"].get<std::string>() << ". Evaluation: "
     << (c["eval_windows"].get<long>() == 0 ? std::string("the whole validation split") : c["eval_windows"].dump() + " validation windows")
     << "; KL(teacher‖model) per token in nats; the quantized and corrected models run in the integer engine.\n\n";
-  m << "| bits | method | ppl quantized | ppl LREC | ppl float | log-ppl gap recovered | KL quantized | KL LREC | KL reduction | top-1 quantized | top-1 LREC | effective bits | peak RSS MiB |\n";
-  m << "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  m << "| bits | method | ppl quantized | ppl LREC | ppl float | log-ppl gap recovered | KL quantized | KL LREC | KL reduction | top-1 quantized | top-1 LREC | effective bits | quantize s | peak RSS MiB |\n";
+  m << "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (const json& r : report["rows"]) {
     m << "| " << r["bits"] << " | " << r["method"].get<std::string>() << " | " << fmt(r["ppl_quantized"]) << " | "
       << fmt(r["ppl_lrec"]) << " | " << fmt(r["ppl_float"]) << " | " << fmt(r["log_ppl_gap_recovered"], 2) << " | "
       << fmt(r["kl_quantized"], 4) << " | " << fmt(r["kl_lrec"], 4) << " | " << fmt(r["kl_reduction"], 2) << " | "
       << fmt(r["top1_quantized"]) << " | " << fmt(r["top1_lrec"]) << " | " << fmt(r["effective_bits"]) << " | "
-      << fmt(r["peak_rss_mib"], 0) << " |\n";
+      << fmt(r.value("quantize_seconds", json()), 1) << " | " << fmt(r["peak_rss_mib"], 0) << " |\n";
   }
   bool references = false;
   for (const json& r : report["rows"]) references |= r.contains("kl_lrec_float_lora") || r.contains("kl_lrec_kl_only");
