@@ -32,8 +32,8 @@ struct GradClip {
 double grad_norm(const std::vector<Param*>& params);
 
 // Clips as above; max_norm <= 0 only measures. Throws std::invalid_argument
-// on a non-finite max_norm and std::runtime_error on a non-finite norm (a
-// float gradient that overflowed), naming no parameter it cannot know.
+// on a non-finite max_norm, and std::runtime_error on a non-finite norm (a
+// float gradient that overflowed) before changing any gradient.
 GradClip clip_grad_norm(const std::vector<Param*>& params, double max_norm);
 
 }  // namespace intrain
