@@ -33,12 +33,12 @@ double pl_rho(const StepConstants& s, double lr, double L, double mu) {
   return s.c >= 0.0 ? 1.0 - 2.0 * mu * lr * s.c + s.kappa : 1.0 + 2.0 * L * lr * (-s.c) + s.kappa;
 }
 
-// PL recursion B_{k+1} = rho_k B_k + N_k. Every tuning gives a valid one-step
-// inequality F_{k+1} <= rho F_k + N with rho >= 0, so F_k <= B_k implies
-// F_{k+1} <= min over tunings of (rho B_k + N): the tuning is chosen per step.
+// PL recursion B_{k+1} = rho_k B_k + N_k. Every candidate (SR or RN-A for a
+// tuning, or RN-B) gives a valid one-step inequality F_{k+1} <= rho F_k + N
+// with rho >= 0, so F_k <= B_k implies F_{k+1} <= min over candidates of
+// (rho B_k + N): the candidate is chosen per step.
 template <class Real>
-std::vector<BoundPoint> pl_recursion(const SgdBound& b, const std::vector<Tuning>& tunings,
-                                     std::span<const StepTerms> steps) {
+std::vector<BoundPoint> pl_recursion(const SgdBound& b, std::span<const StepTerms> steps) {
   const ProblemConstants& pc = b.constants();
   std::vector<BoundPoint> out(steps.size() + 1);
   Real transient = pc.gap0, noise = 0;
@@ -50,8 +50,7 @@ std::vector<BoundPoint> pl_recursion(const SgdBound& b, const std::vector<Tuning
     p.value = static_cast<double>(transient + noise);
     if (k == steps.size()) break;
     double best = kInf, rho = 1.0, N = 0.0;
-    for (const Tuning& tu : tunings) {
-      const StepConstants s = b.step_constants(steps[k], tu);
+    for (const StepConstants& s : b.step_candidates(steps[k])) {
       const double r = pl_rho(s, steps[k].lr, pc.L, pc.mu);
       const double v = r * p.value + s.N;
       if (v < best) best = v, rho = r, N = s.N;
@@ -67,8 +66,7 @@ std::vector<BoundPoint> pl_recursion(const SgdBound& b, const std::vector<Tuning
 // Any per-step choice of tuning keeps this valid; each step takes the one
 // that minimises the running bound.
 template <class Real>
-std::vector<BoundPoint> nc_recursion(const SgdBound& b, const std::vector<Tuning>& tunings,
-                                     std::span<const StepTerms> steps) {
+std::vector<BoundPoint> nc_recursion(const SgdBound& b, std::span<const StepTerms> steps) {
   const ProblemConstants& pc = b.constants();
   std::vector<BoundPoint> out(steps.size());
   Real P = 1, numer = pc.gap0, denom = 0;
@@ -79,8 +77,7 @@ std::vector<BoundPoint> nc_recursion(const SgdBound& b, const std::vector<Tuning
     // only the chosen one is applied in Real.
     const double U = static_cast<double>(numer * P), V = static_cast<double>(denom * P);
     double best = kInf, kappa_best = 0.0, N_best = 0.0, c_best = 0.0;
-    for (const Tuning& tu : tunings) {
-      const StepConstants s = b.step_constants(steps[k], tu);
+    for (const StepConstants& s : b.step_candidates(steps[k])) {
       const double c_plus = std::max(s.c, 0.0);
       const double kappa = s.c >= 0.0 ? s.kappa : s.kappa + 2.0 * pc.L * lr * (-s.c);
       const double den = V * (1.0 + kappa) + lr * c_plus;
@@ -124,8 +121,10 @@ SgdBound::SgdBound(ProblemConstants pc, Rounding update_rounding, std::vector<Tu
   require(pc.sigma2 >= 0.0 && pc.noise_grad >= 0.0 && pc.noise_gap >= 0.0, "noise constants must be >= 0");
   require(pc.delta >= 0.0 && pc.delta < 1.0, "delta (relative gradient error) must lie in [0, 1)");
   require(!tunings_.empty(), "no tuning given");
-  for (const Tuning& t : tunings_)
+  for (const Tuning& t : tunings_) {
     require(t.eps1 > 0 && t.eps2 > 0 && t.zeta > 0 && t.beta > 0 && t.eta > 0, "tuning parameters must be > 0");
+    if (std::find(etas_.begin(), etas_.end(), t.eta) == etas_.end()) etas_.push_back(t.eta);
+  }
 }
 
 // docs/convergence.md §3: the constants of the two gradient inequalities.
@@ -172,6 +171,44 @@ StepConstants SgdBound::step_constants(const StepTerms& t, const Tuning& tu) con
     out.N = lr * b + (1.0 + eta) * L * lr * lr * s / 2.0;
     if (r2 > 0.0) out.N += r2 / (2.0 * lr * beta) + (1.0 + 1.0 / eta) * L * r2 / 2.0;
   }
+  return out;
+}
+
+// docs/convergence.md §5b: RN-B. With alpha <= 1/L the descent lemma at
+// x+ = x - alpha (grad f + u), u = (gh - grad f) - r / alpha, gives per realisation
+//   f(x+) <= f(x) - (alpha/2) ||grad f||^2 + (alpha/2) ||u||^2,
+// and with delta = 0 the bias is deterministic (||e_b|| <= eps), so
+//   E||u||^2 <= (1+eta) (sigma2 + M_V ||grad f||^2 + M_F F + V) + (1 + 1/eta) (eps + R/alpha)^2.
+StepConstants SgdBound::rn_b_constants(const StepTerms& t, double eta) const {
+  const double lr = t.lr, E = t.eps_abs + std::sqrt(t.update_r2) / lr;
+  StepConstants out;
+  if (std::isinf(eta)) {  // the limit eta -> inf, used only when no variance term is left
+    out.c = 0.5;
+    out.N = lr * E * E / 2.0;
+    return out;
+  }
+  out.c = (1.0 - (1.0 + eta) * pc_.noise_grad) / 2.0;
+  out.kappa = lr * (1.0 + eta) * pc_.noise_gap / 2.0;
+  out.N = lr / 2.0 * ((1.0 + eta) * (pc_.sigma2 + t.grad_var) + (1.0 + 1.0 / eta) * E * E);
+  return out;
+}
+
+std::vector<StepConstants> SgdBound::step_candidates(const StepTerms& t) const {
+  std::vector<StepConstants> out;
+  out.reserve(tunings_.size() + 8);
+  for (const Tuning& tu : tunings_) out.push_back(step_constants(t, tu));
+  // RN-B needs a deterministic bias (delta = 0) and a step the descent lemma
+  // can take with L alpha^2 <= alpha.
+  if (rounding_ != Rounding::Nearest || pc_.delta != 0.0 || !(t.lr > 0.0) || t.lr * pc_.L > 1.0) return out;
+  const double V = pc_.sigma2 + t.grad_var, E = t.eps_abs + std::sqrt(t.update_r2) / t.lr;
+  const bool variance_free = pc_.noise_grad == 0.0 && pc_.noise_gap == 0.0;
+  if (V == 0.0 && variance_free) {
+    out.push_back(rn_b_constants(t, std::numeric_limits<double>::infinity()));
+    return out;
+  }
+  // eta = E / sqrt(V) minimises N: (sqrt(V) + E)^2, Minkowski's form (the research note's headline).
+  if (variance_free && E > 0.0) out.push_back(rn_b_constants(t, E / std::sqrt(V)));
+  for (double eta : etas_) out.push_back(rn_b_constants(t, eta));
   return out;
 }
 
@@ -285,16 +322,16 @@ std::vector<BoundPoint> SgdBound::suboptimality(std::span<const StepTerms> steps
   for (const StepTerms& t : steps)
     require(t.lr >= 0.0 && t.eps_abs >= 0.0 && t.grad_var >= 0.0 && t.update_r2 >= 0.0,
             "step terms must be >= 0");
-  return arith == Arithmetic::Double ? pl_recursion<double>(*this, tunings_, steps)
-                                     : pl_recursion<Wide>(*this, tunings_, steps);
+  return arith == Arithmetic::Double ? pl_recursion<double>(*this, steps)
+                                     : pl_recursion<Wide>(*this, steps);
 }
 
 std::vector<BoundPoint> SgdBound::gradient_norm(std::span<const StepTerms> steps, Arithmetic arith) const {
   for (const StepTerms& t : steps)
     require(t.lr >= 0.0 && t.eps_abs >= 0.0 && t.grad_var >= 0.0 && t.update_r2 >= 0.0,
             "step terms must be >= 0");
-  return arith == Arithmetic::Double ? nc_recursion<double>(*this, tunings_, steps)
-                                     : nc_recursion<Wide>(*this, tunings_, steps);
+  return arith == Arithmetic::Double ? nc_recursion<double>(*this, steps)
+                                     : nc_recursion<Wide>(*this, steps);
 }
 
 double pl_closed_form(double rho, double N, double F0, long k) {

@@ -125,7 +125,14 @@ class SgdBound {
   std::vector<BoundPoint> heavy_ball_gradient_norm(std::span<const StepTerms> steps, double beta,
                                                    std::span<const double> taus = default_taus()) const;
 
+  // RN-A (round-to-nearest update) or the SR step, for one tuning (docs §4-5).
   StepConstants step_constants(const StepTerms& t, const Tuning& tu) const;
+  // RN-B (docs §5b) with Young parameter eta (+inf: the limit without variance).
+  // Valid only for an RN update, delta = 0 and lr <= 1/L; step_candidates checks that.
+  StepConstants rn_b_constants(const StepTerms& t, double eta) const;
+  // Every one-step inequality the recursions choose from: step_constants for
+  // each tuning, and for an RN update (where RN-B applies) the RN-B ones.
+  std::vector<StepConstants> step_candidates(const StepTerms& t) const;
   GradientConstants gradient_constants(const StepTerms& t, const Tuning& tu) const;
 
   const ProblemConstants& constants() const { return pc_; }
@@ -135,6 +142,7 @@ class SgdBound {
   ProblemConstants pc_;
   Rounding rounding_;
   std::vector<Tuning> tunings_;
+  std::vector<double> etas_;  // the distinct etas of tunings_ (RN-B's candidates)
 };
 
 // ---- closed forms (constant step), for tests and for a quick reading ----

@@ -201,6 +201,73 @@ TEST(Bound, RnGradientDescentStagnatesWhereTheoryPredicts) {
   EXPECT_EQ(rep.stall_level, rn_stall_level(4, grid, mu, lr, 0.0));
 }
 
+// RN-A alone: the PL recursion over the tunings' RN-A steps, without RN-B.
+double rn_a_final(const SgdBound& b, const StepTerms& t, long K) {
+  double B = b.constants().gap0;
+  for (long k = 0; k < K; ++k) {
+    double best = std::numeric_limits<double>::infinity();
+    for (const Tuning& tu : default_tunings()) {
+      const StepConstants s = b.step_constants(t, tu);
+      best = std::min(best, (1 - 2 * b.constants().mu * t.lr * s.c + s.kappa) * B + s.N);
+    }
+    B = best;
+  }
+  return B;
+}
+
+// RN-B (docs §5b), alpha <= 1/L, delta = 0: the recursion is never above the
+// research note's headline (1 - mu a)^k F0 + (sigma + R/a)^2 / (2 mu), and
+// with sigma = 0 its floor R^2 / (2 mu a^2) is the stall level d grid^2 / (8 mu a^2)
+// of an exact-gradient RN run. RN-A's floor is at least R^2 / (4 mu a^2 beta (1 - beta/2)),
+// 4/3 of that for the grid's largest beta = 1/2.
+// Tolerance 1e-12 relative: a few thousand double operations.
+TEST(Bound, RnBMatchesItsHeadlineAndTheStallLevel) {
+  const double a = 1.0 / 8, d = 4, grid = 1.0 / 64, R2 = d * grid * grid / 4;
+  const StepTerms t{a, 0.0, 0.0, R2};
+  for (double sigma2 : {0.0, 0.3}) {
+    const ProblemConstants pc{3.3, 0.55, 2.0, sigma2, 0.0, 0.0, 0.0};
+    const SgdBound b(pc, Rounding::Nearest);
+    const auto v = b.suboptimality(constant_steps(4000, t), Arithmetic::Double);
+    const double floor = std::pow(std::sqrt(sigma2) + std::sqrt(R2) / a, 2) / (2 * pc.mu);
+    for (long k = 0; k <= 4000; ++k)
+      EXPECT_LE(v[k].value, (std::pow(1 - pc.mu * a, k) * pc.gap0 + floor) * (1 + 1e-12)) << sigma2 << " " << k;
+    if (sigma2 == 0.0) {
+      EXPECT_NEAR(v.back().value, rn_stall_level(d, grid, pc.mu, a, 0.0), 1e-12 * v.back().value);
+      EXPECT_GE(rn_a_final(b, t, 4000), 4.0 / 3.0 * v.back().value);
+    }
+  }
+  // RN-B is offered only where it was derived: an RN update, delta = 0, lr <= 1/L.
+  const std::size_t n_tunings = default_tunings().size();
+  const ProblemConstants pc{3.3, 0.55, 2.0, 0.3, 0.0, 0.0, 0.0};
+  EXPECT_GT(SgdBound(pc, Rounding::Nearest).step_candidates(t).size(), n_tunings);
+  EXPECT_EQ(SgdBound(pc, Rounding::Nearest).step_candidates(StepTerms{0.31, 0.0, 0.0, R2}).size(), n_tunings);
+  EXPECT_EQ(SgdBound(pc, Rounding::Stochastic).step_candidates(t).size(), n_tunings);
+  ProblemConstants biased = pc;
+  biased.delta = 0.01;
+  EXPECT_EQ(SgdBound(biased, Rounding::Nearest).step_candidates(t).size(), n_tunings);
+}
+
+// The RN-rounded gradient descent of RnGradientDescentStagnatesWhereTheoryPredicts
+// (exact gradients, update rounded to nearest, ||r||^2 <= d grid^2 / 4) stays
+// under the PL bound at every step, including after it has stalled.
+TEST(Bound, RnGradientDescentStaysUnderTheRnBound) {
+  const std::vector<double> h{1.1, 1.7, 3.3, 0.55};
+  const double lr = 1.0 / 8, grid = 1.0 / 64, d = 4;
+  std::vector<double> x{3.0, -2.0, 1.0, 5.0};
+  auto f = [&] {
+    double s = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) s += 0.5 * h[i] * x[i] * x[i];
+    return s;
+  };
+  const long K = 400;
+  const SgdBound b(ProblemConstants{3.3, 0.55, f(), 0.0, 0.0, 0.0, 0.0}, Rounding::Nearest);
+  const auto v = b.suboptimality(constant_steps(K, StepTerms{lr, 0.0, 0.0, d * grid * grid / 4}));
+  for (long k = 0; k <= K; ++k) {
+    ASSERT_LE(f(), v[static_cast<std::size_t>(k)].value) << k;
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = grid * std::nearbyint((x[i] - lr * h[i] * x[i]) / grid);
+  }
+}
+
 // ---- estimators ------------------------------------------------------------------
 
 // Full gradients of f = (1/2) sum s_j^2 x_j^2 at random pairs of points: every
