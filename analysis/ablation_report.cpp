@@ -1,5 +1,7 @@
 #include "analysis/ablation_report.h"
 
+#include "analysis/trajectory_bound.h"
+
 #include <algorithm>
 #include <boost/math/distributions/students_t.hpp>
 #include <cmath>
@@ -9,6 +11,8 @@
 #include <tuple>
 #include <sstream>
 #include <stdexcept>
+
+#include "analysis/trajectory_bound.h"
 
 namespace intrain {
 
@@ -74,7 +78,31 @@ std::string bound_cell(const json& g) {
   return s;
 }
 
+// About 100 points of a bound curve, and the last.
+std::vector<std::array<double, 3>> thin_curve(const std::vector<std::array<double, 3>>& all) {
+  std::vector<std::array<double, 3>> out;
+  const std::size_t stride = std::max<std::size_t>(1, all.size() / 100);
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    if (i % stride == 0 || i + 1 == all.size()) out.push_back(all[i]);
+  }
+  return out;
+}
+
 }  // namespace
+
+void use_smoothness_floor(CellResult& c, const RunBound& rb) {
+  c.bound_status = rb.status;
+  c.est_L = rb.constants.L;
+  c.L_source = rb.constants.L > rb.constants.L_own ? "fp32 cell" : "own";
+  c.bound_held = rb.held;
+  c.bound_vacuous = rb.vacuous;
+  c.bound_final = std::isfinite(rb.final_bound) ? rb.final_bound : INFINITY;
+  c.bound_measured = std::isfinite(rb.final_measured) ? rb.final_measured : 0.0;
+  std::vector<std::array<double, 3>> all;
+  for (std::size_t K = 1; K <= rb.bound.size(); ++K)
+    if (std::isfinite(rb.measured[K - 1])) all.push_back({static_cast<double>(K), rb.bound[K - 1], rb.measured[K - 1]});
+  c.bound_curve = thin_curve(all);
+}
 
 std::string ablation_group_name(int bits, const std::string& rounding, const std::string& tiling) {
   if (bits == 32) return "fp32";
@@ -129,8 +157,9 @@ CellResult load_cell(const fs::path& dir, int bits, const std::string& rounding,
       }
     }
   }
+  c.own_L = c.est_L;
   if (c.bound_status == "evaluated") {
-    // bound.csv has a row per step; keep about 100 of those with a measurement, and the last.
+    // bound.csv has a row per step (those with a measurement are kept).
     std::ifstream b(dir / "bound.csv");
     std::string row;
     std::vector<std::array<double, 3>> all;
@@ -140,10 +169,7 @@ CellResult load_cell(const fs::path& dir, int bits, const std::string& rounding,
       if (f.size() != 4 || f[3].empty()) continue;
       all.push_back({std::stod(f[0]), std::stod(f[2]), std::stod(f[3])});
     }
-    const std::size_t stride = std::max<std::size_t>(1, all.size() / 100);
-    for (std::size_t i = 0; i < all.size(); ++i) {
-      if (i % stride == 0 || i + 1 == all.size()) c.bound_curve.push_back(all[i]);
-    }
+    c.bound_curve = thin_curve(all);
   }
   std::ifstream m(dir / "metrics.csv");
   std::string line;
@@ -220,7 +246,12 @@ json ablation_report(const std::vector<CellResult>& cells, const json& settings)
     }
     j["saturated_fraction"] = c.saturated_fraction;
     j["bound"] = {{"status", c.bound_status}};
-    if (c.bound_status != "n/a (no probe)") j["bound"]["L"] = c.est_L, j["bound"]["sigma2"] = c.est_sigma2;
+    if (c.bound_status != "n/a (no probe)") {
+      j["bound"]["L"] = c.est_L;
+      j["bound"]["L_own"] = c.own_L;
+      j["bound"]["L_source"] = c.L_source;
+      j["bound"]["sigma2"] = c.est_sigma2;
+    }
     if (c.bound_status == "evaluated") {
       j["bound"]["held"] = c.bound_held;
       j["bound"]["vacuous"] = c.bound_vacuous;
@@ -382,7 +413,9 @@ std::string ablation_markdown(const json& r) {
   md << "\n*bound held*: per seed, whether the measured weighted mean of the probes' squared gradient norms "
         "stayed under the convergence bound at every step (yes k/n); *vacuous* when the bound is no better than "
         "smoothness alone gives (>= 2 L (f(x0) - f_inf)), or infinite (heavy ball at a step too long for its drift "
-        "term); n/a where the bound does not apply (weight decay) or the run was not probed. See "
+        "term); n/a where the bound does not apply (weight decay) or the run was not probed. An integer cell's "
+        "bound uses the larger of its own smoothness estimate and the fp32 cell's at the same seed (smoothness "
+        "belongs to the loss, and each trajectory estimate errs low; ablation.json gives both). See "
         "docs/convergence.md §6b and §10.\n";
   md << "\nA cell *diverged* when its final loss exceeds ln 256 = 5.545 (worse than predicting every byte as "
         "equally likely); its loss still enters the mean.\n";

@@ -42,7 +42,9 @@ struct CellResult {
   std::string bound_status = "n/a (no probe)";
   bool bound_held = false, bound_vacuous = false;
   double bound_final = 0.0, bound_measured = 0.0;  // at the last step (evaluated runs)
-  double est_L = 0.0, est_sigma2 = 0.0;           // the constants estimated from the run (probed runs)
+  double est_L = 0.0, est_sigma2 = 0.0;           // the constants the bound used (probed runs)
+  double own_L = 0.0;                              // the run's own L estimate (est_L may be the fp32 cell's)
+  std::string L_source = "own";                    // "own", or "fp32 cell" (use_smoothness_floor)
   std::vector<std::array<double, 3>> bound_curve;  // (step, bound, measured), at most ~100 points
 };
 
@@ -50,6 +52,12 @@ struct CellResult {
 // with neither summary.json nor failed.json is "missing".
 CellResult load_cell(const std::filesystem::path& cell_dir, int bits, const std::string& rounding, int seed,
                      const std::string& tiling = "none");
+
+// Replaces the cell's bound by `rb`, evaluated again with the L of another
+// run (the fp32 cell at the same seed) as a floor: status, held, vacuous,
+// final values, L and the curve (kept to ~100 points, as load_cell does).
+struct RunBound;
+void use_smoothness_floor(CellResult& c, const RunBound& rb);
 
 // "fp32", "int8-sr", "int8-rn+ae": one group of the grid (all its seeds).
 std::string ablation_group_name(int bits, const std::string& rounding, const std::string& tiling);

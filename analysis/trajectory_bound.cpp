@@ -152,7 +152,7 @@ std::vector<ProbeSample> read_probe_csv(const fs::path& p) {
 
 // ---- constants and the bound -------------------------------------------------------
 
-RunConstants estimate_constants(std::span<const ProbeSample> probes, const Precision& prec) {
+RunConstants estimate_constants(std::span<const ProbeSample> probes, const Precision& prec, double L_floor) {
   RunConstants c;
   SmoothnessEstimator L;
   c.delta = format_delta(prec);
@@ -163,7 +163,10 @@ RunConstants estimate_constants(std::span<const ProbeSample> probes, const Preci
     c.grad_max = std::max(c.grad_max, s.grad_max);
     c.master_max = std::max(c.master_max, s.master_max);
   }
-  c.L = L.max();
+  c.L_own = L.max();
+  c.L_floor = L_floor;
+  // No probe with a step: nothing to bound, whatever the floor (evaluate_run_bound says "no probe").
+  c.L = c.L_own > 0.0 ? std::max(c.L_own, L_floor) : 0.0;
   c.L_q90 = L.quantile(0.9);
   c.probes = static_cast<int>(probes.size());
   return c;
@@ -174,6 +177,8 @@ nlohmann::json RunBound::summary() const {
   nlohmann::json j = {{"status", status},
                       {"constants",
                        {{"L", constants.L},
+                        {"L_own", constants.L_own},
+                        {"L_floor", constants.L_floor},
                         {"L_q90", constants.L_q90},
                         {"sigma2", constants.sigma2},
                         {"gap0", constants.gap0},
@@ -194,9 +199,9 @@ nlohmann::json RunBound::summary() const {
 }
 
 RunBound evaluate_run_bound(std::span<const ProbeSample> probes, std::span<const double> lr_per_step,
-                            const Precision& prec, double momentum, double weight_decay) {
+                            const Precision& prec, double momentum, double weight_decay, double L_floor) {
   RunBound r;
-  r.constants = estimate_constants(probes, prec);
+  r.constants = estimate_constants(probes, prec, L_floor);
   if (probes.empty() || r.constants.L <= 0.0) {
     r.status = "n/a (no probe)";
     return r;
@@ -269,6 +274,12 @@ RunBound evaluate_run_bound(std::span<const ProbeSample> probes, std::span<const
   // above 2 L gap0 says nothing more about a run that does not climb above its start.
   r.vacuous = !(r.final_bound < 2.0 * c.L * c.gap0);
   return r;
+}
+
+RunBound evaluate_run_bound(const std::filesystem::path& run_dir, std::span<const double> lr_per_step,
+                            const Precision& prec, double momentum, double weight_decay, double L_floor) {
+  const std::vector<ProbeSample> probes = read_probe_csv(run_dir / "probe.csv");
+  return evaluate_run_bound(probes, lr_per_step, prec, momentum, weight_decay, L_floor);
 }
 
 }  // namespace intrain

@@ -112,7 +112,9 @@ std::string probe_csv_row(const ProbeSample& s);
 std::vector<ProbeSample> read_probe_csv(const std::filesystem::path& p);
 
 struct RunConstants {
-  double L = 0.0;       // max over probes of the same-batch smoothness ratio
+  double L = 0.0;       // the L the bound uses: max(L_own, L_floor)
+  double L_own = 0.0;   // max over this run's probes of the same-batch smoothness ratio
+  double L_floor = 0.0; // an estimate from elsewhere (the fp32 run at the same seed; 0: none)
   double L_q90 = 0.0;   // its 0.9 quantile (information)
   double sigma2 = 0.0;  // max over probes of sigma2_batch
   double gap0 = 0.0;    // f(x_0) - f_inf: the training loss of step 0 (cross-entropy >= 0, f_inf = 0)
@@ -120,7 +122,12 @@ struct RunConstants {
   double grad_max = 0.0, master_max = 0.0;  // largest over probes
   int probes = 0;
 };
-RunConstants estimate_constants(std::span<const ProbeSample> probes, const Precision& prec);
+// L_floor: a smoothness estimate of the same loss from another trajectory.
+// Smoothness belongs to f, not to the format that computes its gradient, and
+// every trajectory estimate errs low (it sees only the pairs it visits; an
+// integer run's late updates are below a grid step, docs/convergence.md §10),
+// so the larger of the two is the better estimate.
+RunConstants estimate_constants(std::span<const ProbeSample> probes, const Precision& prec, double L_floor = 0.0);
 
 // The bound of a finished run, evaluated at every step.
 struct RunBound {
@@ -139,6 +146,12 @@ struct RunBound {
 // lr_per_step: the scheduled lr of every step 0..steps-1 (applied_lr is taken here).
 // momentum 0: SgdBound::gradient_norm; momentum > 0: heavy_ball_gradient_norm.
 RunBound evaluate_run_bound(std::span<const ProbeSample> probes, std::span<const double> lr_per_step,
-                            const Precision& prec, double momentum, double weight_decay);
+                            const Precision& prec, double momentum, double weight_decay, double L_floor = 0.0);
+
+// The same for a finished probed run in `run_dir` (its probe.csv), again, with
+// an L floor: what `intrain ablate` does for an integer cell with its fp32
+// cell's L. Throws naming the file if probe.csv is missing or malformed.
+RunBound evaluate_run_bound(const std::filesystem::path& run_dir, std::span<const double> lr_per_step,
+                            const Precision& prec, double momentum, double weight_decay, double L_floor);
 
 }  // namespace intrain

@@ -18,9 +18,12 @@
 #include <nlohmann/json.hpp>
 
 #include "analysis/ablation_report.h"
+#include "analysis/trajectory_bound.h"
 #include "core/collective.h"
+#include "core/precision.h"
 #include "experiments/child_process.h"
 #include "experiments/run_lock.h"
+#include "optim/sgd.h"
 
 namespace intrain {
 
@@ -64,6 +67,29 @@ std::vector<AblationCell> ablation_grid(const AblateOptions& o) {
 }
 
 namespace {
+
+// An integer cell's bound with the fp32 cell's L at the same seed as a floor
+// (analysis/trajectory_bound.h, estimate_constants): where that L is larger,
+// the cell's bound is evaluated again from its probe.csv. The cell's own
+// files stay as its run wrote them; the report carries both L.
+void use_fp32_smoothness(std::vector<CellResult>& results, const std::vector<AblationCell>& grid,
+                         const fs::path& cells_dir, const TrainOptions& t) {
+  std::map<int, double> fp32_L;  // seed -> L
+  for (const CellResult& r : results)
+    if (r.bits == 32 && r.status == "done" && r.bound_status == "evaluated") fp32_L[r.seed] = r.est_L;
+  const LrSchedule sched{t.lr, t.warmup, t.steps, t.final_lr_fraction};
+  std::vector<double> lr(static_cast<std::size_t>(t.steps));
+  for (long k = 0; k < t.steps; ++k) lr[static_cast<std::size_t>(k)] = sched.at(k);
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    CellResult& r = results[i];
+    const auto it = fp32_L.find(r.seed);
+    if (r.bits == 32 || r.status != "done" || r.bound_status != "evaluated" || it == fp32_L.end() ||
+        !(it->second > r.est_L))
+      continue;
+    const Precision prec = Precision::parse(grid[i].format(), parse_rounding(r.rounding));
+    use_smoothness_floor(r, evaluate_run_bound(cells_dir / r.name, lr, prec, t.momentum, t.weight_decay, it->second));
+  }
+}
 
 
 // The training settings every cell shares; also what DIR/sweep.json pins.
@@ -283,6 +309,7 @@ int run_ablate(const AblateOptions& o) {
     results.push_back(load_cell(cells_dir / c.name(), c.bits, c.rounding, c.seed, c.tiling));
     failed += results.back().status == "failed";
   }
+  if (!o.lrec) use_fp32_smoothness(results, grid, cells_dir, o.train);
   const json report = ablation_report(results, settings);
   write_text_atomically(o.out / "ablation.json", report.dump(2) + "\n");
   const std::string md = ablation_markdown(report);

@@ -108,6 +108,7 @@ std::vector<std::string> sweep_flags(const fs::path& dir) {
           "--jobs",       "1",         "--threads", "1",            "--layers", "1",      "--d-model", "16",
           "--heads",      "1",         "--context", "16",           "--batch", "2",       "--steps", "150",
           "--warmup",     "2",         "--eval-every", "0",         "--eval-windows", "4", "--no-plots",
+          "--momentum",   "0",  // SGD: a finite bound, so the fp32 L floor shows in it
           "--data",       tiny_corpus().string(), "--out", dir.string()};
 }
 
@@ -167,6 +168,32 @@ TEST(Ablate, KilledSweepResumesWithoutRecomputingFinishedCells) {
   for (const auto& c : r["cells"]) n_done += c["status"] == "done";
   EXPECT_EQ(n_done, 6);
   EXPECT_EQ(r["groups"].size(), 3u);  // fp32, int8-rn, int8-sr
+
+  // Every integer cell's bound uses max(its own L, the fp32 cell's L at its
+  // seed); its own L is the one its run wrote. Where the fp32 L is the larger,
+  // the bound was evaluated again with it, so its final value differs from the
+  // run's own.
+  std::map<int, double> fp32_L;
+  for (const auto& c : r["cells"])
+    if (c["bits"] == 32) fp32_L[c["seed"].get<int>()] = c["bound"]["L"].get<double>();
+  int floored = 0;
+  for (const auto& c : r["cells"]) {
+    if (c["bits"] == 32) continue;
+    const nlohmann::json own = nlohmann::json::parse(file_bytes(cells / c["name"].get<std::string>() / "summary.json"));
+    const double L_own = own["probe"]["constants"]["L"].get<double>(), L_fp32 = fp32_L.at(c["seed"].get<int>());
+    EXPECT_EQ(c["bound"]["L_own"].get<double>(), L_own) << c["name"];
+    EXPECT_EQ(c["bound"]["L"].get<double>(), std::max(L_own, L_fp32)) << c["name"];
+    EXPECT_EQ(c["bound"]["L_source"], L_fp32 > L_own ? "fp32 cell" : "own") << c["name"];
+    if (L_fp32 > L_own) {
+      ++floored;
+      EXPECT_NE(c["bound"]["final_bound"], own["probe"]["final_bound"]) << c["name"];
+    } else {
+      EXPECT_EQ(c["bound"]["final_bound"], own["probe"]["final_bound"]) << c["name"];
+    }
+    std::printf("%s: L own %.3f, fp32 %.3f; final bound %s (run's own %s)\n", c["name"].get<std::string>().c_str(),
+                L_own, L_fp32, c["bound"]["final_bound"].dump().c_str(), own["probe"]["final_bound"].dump().c_str());
+  }
+  EXPECT_GT(floored, 0) << "no integer cell's L was below the fp32 cell's: the floor went untested";
 
   // A rerun with other training settings is refused: its cells would not compare.
   EXPECT_NE(run_cli(cmd + "--lr 0.2", &out), 0);
