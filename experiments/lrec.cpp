@@ -211,6 +211,11 @@ nlohmann::json run_lrec(const LrecOptions& o) {
   GPT teacher = load_model(o.teacher, "fp32", Rounding::Nearest);
   for (const Param& p : teacher.params())
     if (p.master.empty()) throw std::invalid_argument("--teacher " + o.teacher.string() + " is a quantized model; give the float checkpoint");
+  // The teacher only runs forward, which reads the values; in fp32 its
+  // masters are a second copy of every weight, 4 bytes each, so they go.
+  // (refresh_values skips a parameter without a master.)
+  teacher.freeze();
+  for (Param& p : teacher.params()) p.master = Tensor();
   if (o.adapter_format != "int" && o.adapter_format != "fp32") {
     throw std::invalid_argument("--adapter-format: '" + o.adapter_format + "' is not one of int, fp32");
   }
