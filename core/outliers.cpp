@@ -204,10 +204,15 @@ std::int64_t kth_largest_abs(const Tensor& x, std::int64_t r) {
 // ---------------------------------------------------------------------------
 
 Tensor OutlierSplit::merged() const {
-  Tensor v(bulk.shape(), Format::fixed(15), bulk.exponent());
+  // Every element is written: the widening in parallel chunks (it is a whole
+  // pass over the operand, which the one-by-one product of dW needs), then
+  // the few outliers.
+  Tensor v = Tensor::uninitialized(bulk.shape(), Format::fixed(15), bulk.exponent());
   const std::int8_t* b = bulk.data<std::int8_t>();
   std::int16_t* o = v.data<std::int16_t>();
-  for (std::int64_t i = 0; i < bulk.numel(); ++i) o[i] = b[i];
+  for_chunks(bulk.numel(), [&](std::int64_t, std::int64_t i0, std::int64_t i1) {
+    for (std::int64_t i = i0; i < i1; ++i) o[i] = b[i];
+  });
   for (std::size_t j = 0; j < index.size(); ++j)
     o[index[j]] = static_cast<std::int16_t>(o[index[j]] + high[j] * (1 << kOutlierShift));
   return v;
@@ -625,6 +630,16 @@ template <class F> void visit_narrow_values(const Tensor& X, F&& f) {
   }
 }
 
+// Lines per parallel chunk of a scatter: about kChunk multiply-adds each.
+// A line costs its outliers times `len`, so chunks sized by lines alone
+// (kChunk / len) would leave a 1%-outlier layer one chunk: serial. The size
+// depends on the split only, never on the thread count, and the sums are
+// exact, so the result is the same for any chunking.
+std::int64_t lines_per_chunk(const OutlierSplit& S, std::int64_t lines, std::int64_t len) {
+  const std::int64_t per_line = (S.outliers() + lines - 1) / std::max<std::int64_t>(lines, 1);
+  return std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(per_line * len, 1));
+}
+
 // C += 2^7·op(A_o)·op(B), A_o the outliers of S (op(S) is [batch,] M x K).
 void scatter_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans tb, const MatmulDims& dm, Tensor& C) {
   if (S.index.empty()) return;
@@ -640,7 +655,7 @@ void scatter_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans 
           for (std::int64_t q = g.start[static_cast<std::size_t>(l)]; q < g.start[static_cast<std::size_t>(l) + 1]; ++q)
             add_scaled(crow, v + (b * K + g.other[static_cast<std::size_t>(q)]) * N, N, g.high[static_cast<std::size_t>(q)], kOutlierShift);
         }
-      }, std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(N, 1)));
+      }, lines_per_chunk(S, nl, N));
     });
   });
 }
@@ -672,7 +687,7 @@ void scatter_right(const TiledOperand& A, Trans ta, const OutlierSplit& S, Trans
         // Distinct lines write distinct columns of C: no two chunks meet.
         for (std::int64_t i = 0; i < M; ++i)
           for (std::int64_t l = 0; l < n; ++l) c[at[static_cast<std::size_t>(l)] + i * N] += sums[static_cast<std::size_t>(l * M + i)];
-      }, std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(M, 1)));
+      }, lines_per_chunk(S, nl, M));
     });
   });
 }
