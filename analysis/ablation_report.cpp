@@ -1,7 +1,5 @@
 #include "analysis/ablation_report.h"
 
-#include "analysis/trajectory_bound.h"
-
 #include <algorithm>
 #include <boost/math/distributions/students_t.hpp>
 #include <cmath>

@@ -24,6 +24,8 @@
 
 namespace intrain {
 
+struct RunBound;  // analysis/trajectory_bound.h
+
 struct CellResult {
   std::string name;       // folder name under DIR/cells
   int bits = 32;          // 32: fp32
@@ -56,7 +58,6 @@ CellResult load_cell(const std::filesystem::path& cell_dir, int bits, const std:
 // Replaces the cell's bound by `rb`, evaluated again with the L of another
 // run (the fp32 cell at the same seed) as a floor: status, held, vacuous,
 // final values, L and the curve (kept to ~100 points, as load_cell does).
-struct RunBound;
 void use_smoothness_floor(CellResult& c, const RunBound& rb);
 
 // "fp32", "int8-sr", "int8-rn+ae": one group of the grid (all its seeds).
