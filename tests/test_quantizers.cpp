@@ -112,7 +112,9 @@ TEST(Adpq, SplitsTheLargestWeightsAndBeatsRtnOnHeavyTails) {
       e_rtn += std::pow(static_cast<double>(W[i]) - rtn[i], 2);
     }
     std::printf("  %d bits: AdpQ squared error %.4g, RTN %.4g, %.3f bits/weight\n", b, e_adpq, e_rtn, r.bits_per_weight());
-    if (b >= 3) EXPECT_LT(e_adpq, e_rtn) << b << " bits";
+    if (b >= 3) {
+      EXPECT_LT(e_adpq, e_rtn) << b << " bits";
+    }
   }
 }
 

@@ -262,7 +262,9 @@ TEST(QuantizeCli, PackedFileLoadsAsQuantizedLinear) {
       const Param& w = reference.param(m + ".weight");
       const std::vector<float> W(w.value.data<float>(), w.value.data<float>() + w.value.numel());
       const PackedWeights stored = read_packed(f, m, w.value.rows(), w.value.cols());
-      if (std::string(method) == "rtn") EXPECT_EQ(stored, quantize_rtn(W, w.value.rows(), w.value.cols(), 3, 32)) << m;
+      if (std::string(method) == "rtn") {
+        EXPECT_EQ(stored, quantize_rtn(W, w.value.rows(), w.value.cols(), 3, 32)) << m;
+      }
       reference.replace_linear(m, std::make_unique<QuantizedLinear>(m, stored, &reference.param(m + ".bias")));
     }
     std::vector<std::int32_t> x(2 * 16), y(2 * 16);
