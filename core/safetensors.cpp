@@ -10,6 +10,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <utility>
 
 namespace intrain {
 
@@ -81,7 +82,7 @@ class Reader {
     }
   }
 
-  SafeTensorsFile read() const;
+  SafeTensorsFile read(bool with_data) const;
 
  private:
   std::filesystem::path path_;
@@ -126,7 +127,7 @@ struct Entry {
   std::uint64_t begin = 0, end = 0;
 };
 
-SafeTensorsFile Reader::read() const {
+SafeTensorsFile Reader::read(bool with_data) const {
   std::error_code ec;
   const auto st = std::filesystem::status(path_, ec);
   if (ec && ec != std::errc::no_such_file_or_directory) fail("cannot access: " + ec.message());
@@ -278,10 +279,14 @@ SafeTensorsFile Reader::read() const {
 
   const std::uint64_t data_start = 8 + n;
   out.tensors.reserve(entries.size());
+  out.file_offsets.reserve(entries.size());
   for (auto& e : entries) {
-    e.tensor.data.resize(static_cast<std::size_t>(e.end - e.begin));
-    if (!e.tensor.data.empty()) pread_exact(fd.fd, e.tensor.data.data(), e.tensor.data.size(), data_start + e.begin);
+    if (with_data) {
+      e.tensor.data.resize(static_cast<std::size_t>(e.end - e.begin));
+      if (!e.tensor.data.empty()) pread_exact(fd.fd, e.tensor.data.data(), e.tensor.data.size(), data_start + e.begin);
+    }
     out.tensors.emplace_back(std::move(e.name), std::move(e.tensor));
+    out.file_offsets.push_back(data_start + e.begin);
   }
   return out;
 }
@@ -328,6 +333,10 @@ const SafeTensor* SafeTensorsFile::find(const std::string& name) const {
   return nullptr;
 }
 
+SafeTensor* SafeTensorsFile::find(const std::string& name) {
+  return const_cast<SafeTensor*>(std::as_const(*this).find(name));
+}
+
 const SafeTensor& SafeTensorsFile::at(const std::string& name) const {
   if (const SafeTensor* t = find(name)) return *t;
   std::string msg = "safetensors: no tensor \"" + name + "\" in " +
@@ -343,7 +352,27 @@ void SafeTensorsFile::add(std::string name, SafeTensor t) {
   tensors.emplace_back(std::move(name), std::move(t));
 }
 
-SafeTensorsFile read_safetensors(const std::filesystem::path& path) { return Reader(path).read(); }
+SafeTensorsFile read_safetensors(const std::filesystem::path& path) { return Reader(path).read(true); }
+
+SafeTensorsFile read_safetensors_header(const std::filesystem::path& path) { return Reader(path).read(false); }
+
+void load_tensor_data(SafeTensorsFile& f, const std::string& name) {
+  for (std::size_t i = 0; i < f.tensors.size(); ++i) {
+    SafeTensor& t = f.tensors[i].second;
+    if (f.tensors[i].first != name) continue;
+    const std::size_t bytes = static_cast<std::size_t>(t.numel()) * safetensors_dtype_size(t.dtype);
+    if (t.data.size() == bytes) return;
+    if (i >= f.file_offsets.size()) throw std::runtime_error("load_tensor_data: \"" + name + "\" has no file offset");
+    const Reader r(f.source);
+    const int raw_fd = ::open(f.source.c_str(), O_RDONLY | O_CLOEXEC);
+    if (raw_fd < 0) r.fail("cannot open: " + errno_str(errno));
+    Fd fd(raw_fd);
+    t.data.resize(bytes);
+    r.pread_exact(fd.fd, t.data.data(), bytes, f.file_offsets[i]);
+    return;
+  }
+  f.at(name);  // throws, listing the tensors the file has
+}
 
 void write_safetensors(const std::filesystem::path& path, const SafeTensorsFile& file) {
   const std::string prefix = "write_safetensors(" + quoted(path) + "): ";

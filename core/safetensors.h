@@ -112,10 +112,14 @@ struct SafeTensorsFile {
   std::vector<std::pair<std::string, SafeTensor>> tensors;  // order preserved
   // The file this was read from (set by read_safetensors; used in error messages).
   std::filesystem::path source;
+  // Where each tensor's data starts in `source` (parallel to `tensors`; set by
+  // both readers, used by load_tensor_data).
+  std::vector<std::uint64_t> file_offsets;
 
   bool contains(const std::string& name) const { return find(name) != nullptr; }
   // nullptr if there is no tensor of that name.
   const SafeTensor* find(const std::string& name) const;
+  SafeTensor* find(const std::string& name);
   // Throws std::runtime_error naming the file and listing the tensors it has.
   const SafeTensor& at(const std::string& name) const;
   // Appends a tensor; throws std::invalid_argument if the name is already present.
@@ -131,6 +135,17 @@ void write_safetensors(const std::filesystem::path& path, const SafeTensorsFile&
 
 // Reads and validates a whole file (see the top of this file for the rules).
 SafeTensorsFile read_safetensors(const std::filesystem::path& path);
+
+// Reads and validates the header only, with the same rules: every tensor has
+// its dtype and shape and empty data. load_tensor_data() then reads one
+// tensor at a time, so a loader never holds the whole file beside what it
+// builds from it.
+SafeTensorsFile read_safetensors_header(const std::filesystem::path& path);
+// Reads the data of tensor `name` (of a file from read_safetensors_header)
+// from f.source; no-op if it is already read. Throws std::runtime_error
+// naming the file if there is no such tensor or the read falls short (the
+// file changed since its header was read).
+void load_tensor_data(SafeTensorsFile& f, const std::string& name);
 
 // The safetensors dtype that holds a storage type: F32, I8, I16, I32, I64.
 const char* safetensors_dtype(DType t);

@@ -7,6 +7,7 @@
 #include "core/quantize.h"
 #include "core/safetensors.h"
 #include "experiments/quantize.h"
+#include "layers/fp16_linear.h"
 #include "layers/quantized_linear.h"
 
 namespace intrain {
@@ -123,8 +124,9 @@ void save_train_state(const std::filesystem::path& path, const GPT& model, std::
   write_safetensors(path, f);
 }
 
-GPT load_model(const std::filesystem::path& path, const std::string& format_override, Rounding rounding) {
-  const SafeTensorsFile f = read_safetensors(path);
+GPT load_model(const std::filesystem::path& path, const std::string& format_override, Rounding rounding,
+               LoadMode mode) {
+  SafeTensorsFile f = read_safetensors_header(path);
   GPTConfig cfg;
   cfg.n_layer = meta_int(f, "n_layer");
   cfg.n_head = meta_int(f, "n_head");
@@ -146,7 +148,12 @@ GPT load_model(const std::filesystem::path& path, const std::string& format_over
       if (fmt.size() > 3 && fmt.compare(fmt.size() - 3, 3, suffix) == 0) fmt.resize(fmt.size() - 3);
     }
   }
-  GPT model(cfg, Precision::parse(fmt, rounding), 0);
+  GPT model(cfg, Precision::parse(fmt, rounding), GPT::Unfilled{});
+  const bool forward_only = mode.forward_only || mode.linears_fp16;
+  if (forward_only && !model.precision().is_float()) {
+    throw std::invalid_argument("load_model(" + path.string() + "): a forward-only load is for float models, not " +
+                                model.precision().name());
+  }
   std::vector<std::string> packed;  // modules stored as packed codes
   for (Param& p : model.params()) {
     const std::string module = p.name.substr(0, p.name.rfind('.'));
@@ -155,34 +162,43 @@ GPT load_model(const std::filesystem::path& path, const std::string& format_over
       continue;
     }
     const SafeTensor& st = f.at(p.name);
-    if (st.shape != std::vector<std::int64_t>(p.master.shape().begin(), p.master.shape().end())) {
+    if (st.shape != std::vector<std::int64_t>(p.shape.begin(), p.shape.end())) {
       fail(path, "tensor '" + p.name + "' has shape " + shape_str(Shape(st.shape.begin(), st.shape.end())) +
-                     ", the configuration needs " + shape_str(p.master.shape()));
+                     ", the configuration needs " + shape_str(p.shape));
     }
     if (st.dtype != "F32") fail(path, "tensor '" + p.name + "' is " + st.dtype + ", expected F32");
-    const Tensor v = from_safetensor(st, Format::fp32());
-    const std::vector<float> vals(v.data<float>(), v.data<float>() + v.numel());
+    load_tensor_data(f, p.name);
+    Tensor v = from_safetensor(st, Format::fp32());
+    std::vector<std::byte>().swap(f.find(p.name)->data);  // the file's copy goes as soon as it is read
     if (model.precision().is_float()) {
-      p.master = v;
-      p.value = v;
+      if (mode.linears_fp16 && p.kind == ParamKind::MatmulWeight) {
+        model.replace_linear(module, std::make_unique<Fp16Linear>(module, v, &model.param(module + ".bias")));
+        continue;  // neither master nor value: the layer holds the weight
+      }
+      if (!forward_only) p.master = v;
+      p.value = std::move(v);
     } else {
       // The file holds the values the forward used: exactly representable.
+      const std::vector<float> vals(v.data<float>(), v.data<float>() + v.numel());
       const bool operand = p.kind == ParamKind::MatmulWeight || p.kind == ParamKind::Embedding;
-      p.value = quantize(vals, p.master.shape(), operand ? model.precision().w : residual_format());
-      p.master = quantize_at(vals, p.master.shape(), Format::wide(31), kMasterExponent);
+      p.value = quantize(vals, p.shape, operand ? model.precision().w : residual_format());
+      p.master = quantize_at(vals, p.shape, Format::wide(31), kMasterExponent);
     }
   }
+  // What the parameters did not take: packed codes, salient weights, adapters.
+  std::vector<std::string> rest;
+  for (const auto& [name, t] : f.tensors)
+    if (!model.has_param(name)) rest.push_back(name);
+  for (const std::string& name : rest) load_tensor_data(f, name);
   for (const std::string& module : packed) {
-    Param& w = model.param(module + ".weight");
+    const Param& w = model.param(module + ".weight");
     try {
-      const std::int64_t K = w.master.rows(), N = w.master.cols();
+      const std::int64_t K = w.shape[0], N = w.shape[1];
       model.replace_linear(module, std::make_unique<QuantizedLinear>(module, read_packed(f, module, K, N),
                                                                      &model.param(module + ".bias"), read_salient(f, module, K, N)));
     } catch (const std::exception& e) {  // invalid storage, or a salient tensor or count missing
       fail(path, "packed weight '" + module + "': " + e.what());
     }
-    w.master = Tensor();
-    w.value = Tensor();
   }
   if (f.metadata.count("lora.rank")) attach_saved_lora(f, model);
   return model;

@@ -52,7 +52,18 @@ void save_train_state(const std::filesystem::path& path, const GPT& model, std::
 // in a LoraLinear holding them. Throws std::runtime_error naming the file and
 // what is wrong: a missing tensor, a shape that does not match the metadata,
 // metadata missing or malformed.
-GPT load_model(const std::filesystem::path& path, const std::string& format_override, Rounding rounding);
+//
+// The file is read one tensor at a time into a model built without data
+// (GPT::Unfilled), so the load's peak is the model plus one tensor.
+// A forward-only load (a teacher) keeps no masters, only the values forward
+// reads; with `linears_fp16` its block linears are also held in binary16
+// (layers/fp16_linear.h) as they are read, so their fp32 copy is never whole.
+struct LoadMode {
+  bool forward_only = false;  // float models only
+  bool linears_fp16 = false;  // implies forward_only
+};
+GPT load_model(const std::filesystem::path& path, const std::string& format_override, Rounding rounding,
+               LoadMode mode = {});
 
 // Adds every adapter's A and B ("<module>.lora_A" [in, r], "<module>.lora_B"
 // [r, out]) to `f`, with metadata "lora.rank", "lora.alpha", "lora.targets".

@@ -49,7 +49,19 @@ nlohmann::json evaluate_fidelity(GPT& model, GPT* teacher, const Corpus& corpus,
 nlohmann::json run_eval(const EvalOptions& o) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
   const Rounding rounding = parse_rounding(o.rounding);
-  GPT model = load_model(o.model, o.format, rounding);
+  if (o.storage != "fp32" && o.storage != "fp16")
+    throw std::invalid_argument("--storage: '" + o.storage + "' is not one of fp32, fp16");
+  LoadMode mode;
+  mode.linears_fp16 = o.storage == "fp16";
+  GPT model = [&] {
+    try {
+      return load_model(o.model, o.format, rounding, mode);
+    } catch (const std::invalid_argument& e) {
+      if (!mode.linears_fp16) throw;
+      throw std::invalid_argument("--storage fp16 holds a float model's weights (add --format fp32, or drop --storage): " +
+                                  std::string(e.what()));
+    }
+  }();
   std::optional<GPT> teacher;
   if (o.teacher) teacher.emplace(load_model(*o.teacher, "", rounding));  // the teacher keeps its own format
   const Corpus corpus = Corpus::load(o.data, model.config().n_ctx + 1);
@@ -59,6 +71,7 @@ nlohmann::json run_eval(const EvalOptions& o) {
   j["bits_per_byte"] = loss / std::log(2.0);
   j["format"] = model.precision().name();
   j["data"] = corpus.name;
+  j["storage"] = o.storage;
   if (teacher) {
     j["teacher"] = o.teacher->string();
     j["teacher_format"] = teacher->precision().name();

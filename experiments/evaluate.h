@@ -22,6 +22,9 @@ struct EvalOptions {
   std::optional<std::filesystem::path> teacher;
   std::string format;                         // empty: the checkpoint's own
   std::string rounding = "stochastic";
+  // "fp16": hold the (float) model's block linears in binary16, as
+  // `lrec --teacher-storage fp16` holds its teacher (layers/fp16_linear.h).
+  std::string storage = "fp32";
   int batch = 16;
   long max_windows = 0;  // 0: the whole validation split
   std::uint64_t seed = 1;

@@ -21,6 +21,7 @@
 #include "experiments/evaluate.h"
 #include "experiments/run_lock.h"
 #include "experiments/train.h"
+#include "layers/fp16_linear.h"
 #include "layers/gpt.h"
 #include "layers/lora.h"
 #include "layers/quantized_linear.h"
@@ -115,6 +116,9 @@ nlohmann::json memory_breakdown(GPT& student, GPT& teacher, const std::vector<Lo
     }
   }
   for (const Param& p : teacher.params()) teacher_bytes += tensor_bytes(p.master) + tensor_bytes(p.value);
+  teacher.for_each_linear([&](const std::string&, std::unique_ptr<LinearLayer>& slot) {
+    if (const auto* h = dynamic_cast<const Fp16Linear*>(slot.get())) teacher_bytes += h->bytes();
+  });
   // Activations saved for the backward pass, per block (integer student; the
   // float student keeps 4 bytes everywhere): LayerNorm caches (2 x [BT, C] at
   // 4 bytes), q, k, v ([BT, C] each, 1 byte), P ([B H, T, T], 1 byte), the MLP
@@ -208,14 +212,17 @@ nlohmann::json run_lrec(const LrecOptions& o) {
   lcfg.targets = o.targets;
   lcfg.validate();
 
-  GPT teacher = load_model(o.teacher, "fp32", Rounding::Nearest);
-  for (const Param& p : teacher.params())
-    if (p.master.empty()) throw std::invalid_argument("--teacher " + o.teacher.string() + " is a quantized model; give the float checkpoint");
-  // The teacher only runs forward, which reads the values; in fp32 its
-  // masters are a second copy of every weight, 4 bytes each, so they go.
-  // (refresh_values skips a parameter without a master.)
+  if (o.teacher_storage != "fp32" && o.teacher_storage != "fp16")
+    throw std::invalid_argument("--teacher-storage: '" + o.teacher_storage + "' is not one of fp32, fp16");
+  // The teacher only runs forward, which reads the values: a forward-only load
+  // keeps no masters (in fp32 a second copy of every weight).
+  GPT teacher = load_model(o.teacher, "fp32", Rounding::Nearest,
+                           LoadMode{.forward_only = true, .linears_fp16 = o.teacher_storage == "fp16"});
+  teacher.for_each_linear([&](const std::string&, std::unique_ptr<LinearLayer>& slot) {
+    if (dynamic_cast<const QuantizedLinear*>(slot.get()))
+      throw std::invalid_argument("--teacher " + o.teacher.string() + " is a quantized model; give the float checkpoint");
+  });
   teacher.freeze();
-  for (Param& p : teacher.params()) p.master = Tensor();
   if (o.adapter_format != "int" && o.adapter_format != "fp32") {
     throw std::invalid_argument("--adapter-format: '" + o.adapter_format + "' is not one of int, fp32");
   }
@@ -330,7 +337,8 @@ nlohmann::json run_lrec(const LrecOptions& o) {
                  {"lr", o.lr},                    {"momentum", o.momentum},            {"warmup", o.warmup},
                  {"ce_weight", o.ce_weight},      {"format", prec.name()},             {"seed", o.seed},
                  {"targets", o.targets},          {"data", corpus.name},               {"commit", build_commit()},
-                 {"adapter_format", o.adapter_format}, {"clip_grad_norm", o.clip_grad_norm}};
+                 {"adapter_format", o.adapter_format}, {"clip_grad_norm", o.clip_grad_norm},
+                 {"teacher_storage", o.teacher_storage}};
   const fs::path tmp = summary_path.string() + ".tmp";
   {
     std::ofstream out(tmp);

@@ -71,6 +71,10 @@ struct LrecOptions {
   // float reference in the same engine: the student's activations, errors and
   // adapters in fp32 on the same packed base, same data, steps and seed.
   std::string adapter_format = "int";
+  // How the teacher holds its block linears' weights: fp32 (the checkpoint as
+  // it is) or fp16 (layers/fp16_linear.h: 2 bytes per weight, the INT2.1
+  // setting; the target logits then come from the fp16-rounded weights).
+  std::string teacher_storage = "fp32";
   std::string rounding = "stochastic";
   std::optional<std::filesystem::path> data;
   std::uint64_t seed = 1;

@@ -98,6 +98,9 @@ int main(int argc, char** argv) {
                    "delta-p against it (docs/fidelity.md)");
   eval->add_option("--data", eval_data, "Text file whose validation split (last 10%) is evaluated");
   add_format_flags(eval, ev.format, ev.rounding);
+  eval->add_option("--storage", ev.storage,
+                   "fp16: hold a float model's block linears in binary16 (as lrec --teacher-storage fp16)")
+      ->check(CLI::IsMember({"fp32", "fp16"}));
   eval->add_option("--batch", ev.batch, "Windows per forward pass")->check(CLI::Range(1, 4096));
   eval->add_option("--max-windows", ev.max_windows, "Cap on validation windows (0: all)")->check(CLI::NonNegativeNumber);
   eval->add_option("--threads", ev.threads, "OpenMP threads (0: default)")->check(CLI::NonNegativeNumber);
@@ -229,6 +232,10 @@ int main(int argc, char** argv) {
                    "int: train the adapters in --format (integer engine); fp32: the float LoRA reference on the same "
                    "packed base (activations, errors and adapters in fp32)")
       ->check(CLI::IsMember({"int", "fp32"}));
+  lrec->add_option("--teacher-storage", lr.teacher_storage,
+                   "fp32: the teacher's weights as the checkpoint holds them; fp16: its block linears held in "
+                   "binary16 (2 bytes per weight, as INT2.1's fp16 teachers; the target logits change slightly)")
+      ->check(CLI::IsMember({"fp32", "fp16"}));
   lrec->add_option("--data", lrec_data, "Text file (default: the KJV); training uses its train split only");
   lrec->add_option("--seed", lr.seed, "Seed of the adapters' initialisation, the batches and the rounding");
   lrec->add_option("--eval-windows", lr.eval_windows, "Validation windows of the before/after evaluation (0: all)")

@@ -373,7 +373,10 @@ int run_reproduce_int21(const ReproduceOptions& o) {
   const json full = read_json(mem / "fp32-full" / "summary.json"), flora = read_json(mem / "fp32-lora" / "summary.json"),
              ilrec = read_json(mem / "int-lrec" / "summary.json");
   if (!full.is_null() && !flora.is_null() && !ilrec.is_null()) {
-    const double f = full["peak_rss_mib"], fl = flora["memory"]["peak_rss_mib"], il = ilrec["memory"]["peak_rss_mib"];
+    // Training peaks: fp32 full fine-tuning's before its final checkpoint is
+    // written (older summaries have only the peak that includes it).
+    const double f = full.value("peak_rss_mib_training", full["peak_rss_mib"].get<double>()),
+                 fl = flora["memory"]["peak_rss_mib"], il = ilrec["memory"]["peak_rss_mib"];
     report["memory"] = {{"fp32_full_finetune", f},
                         {"fp32_lora", fl},
                         {"int_lrec", il},

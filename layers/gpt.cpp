@@ -30,25 +30,22 @@ float normal(const RngKey& k, std::uint32_t i) {
   return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
 }
 
-}  // namespace
+// Every parameter of the model, in params_ order, with its initialisation.
+struct ParamSpec {
+  std::string name;
+  Shape shape;
+  ParamKind kind;
+  float std;  // 0: constant `fill`
+  float fill;
+};
 
-GPT::GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed, float init_std) : cfg_(cfg), prec_(prec) {
-  cfg_.validate();
-  if (!(init_std > 0.0f && init_std <= 1.0f))
-    throw std::invalid_argument("model configuration: --init-std must be in (0, 1], got " + std::to_string(init_std));
-  const std::int64_t C = cfg_.n_embd, V = cfg_.vocab_size;
-  struct Spec {
-    std::string name;
-    Shape shape;
-    ParamKind kind;
-    float std;  // 0: constant `fill`
-    float fill;
-  };
-  std::vector<Spec> specs;
-  const float proj_std = init_std / std::sqrt(2.0f * static_cast<float>(cfg_.n_layer));
+std::vector<ParamSpec> param_specs(const GPTConfig& cfg, float init_std) {
+  const std::int64_t C = cfg.n_embd, V = cfg.vocab_size;
+  std::vector<ParamSpec> specs;
+  const float proj_std = init_std / std::sqrt(2.0f * static_cast<float>(cfg.n_layer));
   specs.push_back({"wte.weight", {V, C}, ParamKind::Embedding, init_std, 0.0f});
-  specs.push_back({"wpe.weight", {cfg_.n_ctx, C}, ParamKind::Embedding, init_std, 0.0f});
-  for (int l = 0; l < cfg_.n_layer; ++l) {
+  specs.push_back({"wpe.weight", {cfg.n_ctx, C}, ParamKind::Embedding, init_std, 0.0f});
+  for (int l = 0; l < cfg.n_layer; ++l) {
     const std::string p = "h." + std::to_string(l) + ".";
     specs.push_back({p + "ln_1.weight", {C}, ParamKind::Norm, 0.0f, 1.0f});
     specs.push_back({p + "ln_1.bias", {C}, ParamKind::Norm, 0.0f, 0.0f});
@@ -65,13 +62,18 @@ GPT::GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed, float 
   }
   specs.push_back({"ln_f.weight", {C}, ParamKind::Norm, 0.0f, 1.0f});
   specs.push_back({"ln_f.bias", {C}, ParamKind::Norm, 0.0f, 0.0f});
+  return specs;
+}
 
-  params_.reserve(specs.size());
+}  // namespace
+
+GPT::GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed, float init_std)
+    : GPT(cfg, prec, Unfilled{}) {
+  if (!(init_std > 0.0f && init_std <= 1.0f))
+    throw std::invalid_argument("model configuration: --init-std must be in (0, 1], got " + std::to_string(init_std));
+  const std::vector<ParamSpec> specs = param_specs(cfg_, init_std);
   for (std::size_t s = 0; s < specs.size(); ++s) {
-    const Spec& sp = specs[s];
-    Param p;
-    p.name = sp.name;
-    p.kind = sp.kind;
+    const ParamSpec& sp = specs[s];
     std::int64_t n = 1;
     for (auto d : sp.shape) n *= d;
     std::vector<float> init(static_cast<std::size_t>(n), sp.fill);
@@ -79,11 +81,21 @@ GPT::GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed, float 
       const RngKey k(seed, mix64(0x1A17 + s));
       for (std::int64_t i = 0; i < n; ++i) init[static_cast<std::size_t>(i)] = sp.std * normal(k, static_cast<std::uint32_t>(i));
     }
-    if (prec_.is_float()) {
-      p.master = quantize(init, sp.shape, Format::fp32());
-    } else {
-      p.master = quantize_at(init, sp.shape, Format::wide(31), kMasterExponent);
-    }
+    params_[s].master = prec_.is_float() ? quantize(init, sp.shape, Format::fp32())
+                                         : quantize_at(init, sp.shape, Format::wide(31), kMasterExponent);
+  }
+  refresh_values(0, seed);
+}
+
+GPT::GPT(const GPTConfig& cfg, const Precision& prec, Unfilled) : cfg_(cfg), prec_(prec) {
+  cfg_.validate();
+  const std::vector<ParamSpec> specs = param_specs(cfg_, 0.02f);
+  params_.reserve(specs.size());
+  for (const ParamSpec& sp : specs) {
+    Param p;
+    p.name = sp.name;
+    p.kind = sp.kind;
+    p.shape = sp.shape;
     params_.push_back(std::move(p));
   }
   wte_ = &param("wte.weight");
@@ -100,13 +112,18 @@ GPT::GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed, float 
                             std::make_unique<Linear>(&param(p + "mlp.c_proj.weight"), &param(p + "mlp.c_proj.bias"), prec_.tiling),
                             {}, {}, {}, {}, {}, {}, {}});
   }
-  refresh_values(0, seed);
 }
 
 Param& GPT::param(const std::string& name) {
   for (Param& p : params_)
     if (p.name == name) return p;
   throw std::out_of_range("GPT: no parameter named '" + name + "'");
+}
+
+bool GPT::has_param(const std::string& name) const {
+  for (const Param& p : params_)
+    if (p.name == name) return true;
+  return false;
 }
 
 std::int64_t GPT::num_parameters() const {

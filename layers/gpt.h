@@ -36,6 +36,11 @@ class GPT {
   // default; residual projections N(0, init_std/sqrt(2 n_layer)); LayerNorm
   // 1 and 0; biases 0) from a counter-based generator keyed by `seed`.
   GPT(const GPTConfig& cfg, const Precision& prec, std::uint64_t seed, float init_std = 0.02f);
+  // Parameters with names, kinds and shapes but no data (empty master and
+  // value): for a loader that fills them (experiments/checkpoint.h), so that
+  // a load never holds a random model beside the file's.
+  struct Unfilled {};
+  GPT(const GPTConfig& cfg, const Precision& prec, Unfilled);
   // Layers hold pointers into params_: a move keeps them valid, a copy would not.
   GPT(GPT&&) noexcept = default;
   GPT& operator=(GPT&&) noexcept = default;
@@ -47,6 +52,7 @@ class GPT {
   std::vector<Param>& params() { return params_; }
   const std::vector<Param>& params() const { return params_; }
   Param& param(const std::string& name);
+  bool has_param(const std::string& name) const;
 
   // Runs the model on tokens [B, T] (T <= n_ctx). With targets, returns the
   // mean cross-entropy and, if `train`, keeps what backward() needs. With

@@ -27,6 +27,10 @@ enum class ParamKind { MatmulWeight, Embedding, Bias, Norm };
 struct Param {
   std::string name;  // Hugging Face GPT-2 name, e.g. "h.0.attn.c_attn.weight"
   ParamKind kind = ParamKind::MatmulWeight;
+  // The declared shape (set by GPT for its parameters), kept when master and
+  // value are empty: a weight held as packed codes, a forward-only model
+  // without masters, a model being loaded.
+  Shape shape;
   Tensor master, value, grad, momentum;
   bool has_grad = false;
   // A frozen parameter takes no gradient: accumulate() drops it (LoRA and

@@ -356,6 +356,38 @@ TEST_F(SafetensorsTest, AbsentTensorNameNamesTheFile) {
   EXPECT_TRUE(g.contains("w.i8"));
 }
 
+// The header-only reader validates like the whole-file one, then reads one
+// tensor at a time: the same bytes, in header order or any other; a file cut
+// short after its header was read fails at that tensor, naming the file.
+TEST_F(SafetensorsTest, HeaderOnlyReadLoadsTensorsOneAtATime) {
+  const auto f = sample_file();
+  const auto path = dir_ / "lazy.safetensors";
+  write_safetensors(path, f);
+  auto g = read_safetensors_header(path);
+  EXPECT_EQ(g.metadata, f.metadata);
+  ASSERT_EQ(g.tensors.size(), f.tensors.size());
+  for (const auto& [name, t] : g.tensors) EXPECT_TRUE(t.data.empty()) << name;
+  for (std::size_t k = f.tensors.size(); k-- > 0;) {  // last to first
+    const std::string& name = f.tensors[k].first;
+    load_tensor_data(g, name);
+    EXPECT_EQ(g.at(name).data, f.tensors[k].second.data) << name;
+    load_tensor_data(g, name);  // a second call reads nothing new
+    EXPECT_EQ(g.at(name).data, f.tensors[k].second.data) << name;
+  }
+  EXPECT_THROW(load_tensor_data(g, "w.missing"), std::runtime_error);
+  auto h = read_safetensors_header(path);
+  const std::string bytes = slurp(path);
+  spit(path, bytes.substr(0, bytes.size() - 1));
+  EXPECT_MESSAGE_HAS(intrain::testing::thrown_message<std::runtime_error>([&] {
+                       for (const auto& [name, t] : f.tensors) load_tensor_data(h, name);
+                     }),
+                     "lazy.safetensors");
+  for (const char* bad : {"{", "not json"}) {
+    spit(path, le64(std::string(bad).size()) + bad);
+    EXPECT_THROW((void)read_safetensors_header(path), std::runtime_error) << bad;
+  }
+}
+
 TEST_F(SafetensorsTest, EveryTruncationIsRejected) {
   const auto good = dir_ / "good.safetensors";
   write_safetensors(good, sample_file());
