@@ -282,6 +282,13 @@ int main(int argc, char** argv) {
   int21->add_option("--ce-weight", rp.ce_weight, "LREC cross-entropy weight (per token)")->check(CLI::NonNegativeNumber);
   int21->add_option("--format", rp.format, "Formats of the integer LREC student and adapters (default w8a16e8g8: 16-bit activations; int8, ...)");
   int21->add_option("--eval-windows", rp.eval_windows, "Validation windows per evaluation (0: all)")->check(CLI::NonNegativeNumber);
+  int21->add_option("--memory-widths", rp.memory_widths,
+                    "Widths of the memory-against-model-size runs, comma separated (0: none; --quick: none)")
+      ->delimiter(',')
+      ->check(CLI::Range(0, 16384));
+  int21->add_option("--memory-batches", rp.memory_batches, "Batches of the memory-against-model-size runs, comma separated")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 4096));
   int21->add_option("--jobs", rp.jobs, "Stages run side by side")->check(CLI::Range(1, 256));
   int21->add_option("--threads", rp.threads, "OpenMP threads per stage (0: 1 with --jobs > 1, else all)")->check(CLI::NonNegativeNumber);
   int21->add_option("--seed", rp.seed, "Seed of every stage");
@@ -390,6 +397,7 @@ int main(int argc, char** argv) {
         keep("--eval-windows", rp.eval_windows, q.eval_windows);
         keep("--jobs", rp.jobs, q.jobs);
         rp.memory_steps = q.memory_steps;
+        keep("--memory-widths", rp.memory_widths, q.memory_widths);
       }
       if (!rp_teacher.empty()) rp.teacher = rp_teacher;
       if (!rp_data.empty()) rp.data = rp_data;

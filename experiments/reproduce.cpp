@@ -35,6 +35,7 @@ void apply_quick(ReproduceOptions& o) {
   o.lrec_steps = 120;
   o.eval_windows = 256;
   o.memory_steps = 5;
+  o.memory_widths = {};
   o.jobs = 2;
 }
 
@@ -213,13 +214,26 @@ std::string markdown(const json& report) {
     const json& mem = report["memory"];
     m << "\n## Memory: the same model and batch, " << c["memory_steps"] << " steps each\n\n";
     m << "| run | peak RSS MiB |\n|---|---|\n";
-    for (const char* k : {"fp32_full_finetune", "fp32_lora", "int_lrec"}) m << "| " << k << " | " << fmt(mem[k], 1) << " |\n";
+    for (const char* k : {"fp32_full_finetune", "fp32_lora", "int_lrec", "int_lrec_fp16_teacher"})
+      if (mem.contains(k)) m << "| " << k << " | " << fmt(mem[k], 1) << " |\n";
     m << "\nLREC / fp32 full fine-tuning: **" << fmt(mem["ratio_lrec_to_full"], 3) << "**; fp32 LoRA / fp32 full: "
       << fmt(mem["ratio_fp32_lora_to_full"], 3) << ". Peak RSS of the integer LREC process before its first step (libraries, corpus, "
       << "both models, one evaluation): " << fmt(mem["int_lrec_peak_before_training_mib"], 1)
       << " MiB. Analytic breakdown of the integer LREC run (MiB):";
     for (const auto& [k, v] : mem["int_lrec_breakdown"].items()) m << " " << k << " " << fmt(v, 3) << ";";
     m << "\n";
+  }
+  if (report.contains("memory_scale")) {
+    m << "\n## Memory against model size: the same model and batch, " << c["memory_steps"]
+      << " steps each (RTN at the sweep's bits; peak RSS MiB)\n\n"
+      << "| d_model | blocks | parameters (M) | batch | fp32 full fine-tuning | LREC, fp32 teacher | ratio | LREC, fp16 teacher | ratio |\n"
+      << "|---|---|---|---|---|---|---|---|---|\n";
+    for (const json& r : report["memory_scale"]) {
+      m << "| " << r["d_model"] << " | " << r["layers"] << " | " << fmt(r["parameters"].get<double>() / 1e6, 1) << " | "
+        << r["batch"] << " | " << fmt(r["fp32_full_finetune"], 0) << " | " << fmt(r["int_lrec_fp32_teacher"], 0) << " | "
+        << fmt(r["ratio_fp32_teacher"], 3) << " | " << fmt(r["int_lrec_fp16_teacher"], 0) << " | " << fmt(r["ratio_fp16_teacher"], 3)
+        << " |\n";
+    }
   }
   if (!report["failed"].empty()) {
     m << "\n## Failed stages\n\n";
@@ -290,20 +304,26 @@ int run_reproduce_int21(const ReproduceOptions& o) {
   // 3. LREC runs, the rank sweep and the memory comparison.
   const std::string sweep_method = std::find(o.methods.begin(), o.methods.end(), "gptq") != o.methods.end() ? "gptq" : o.methods[0];
   const int sweep_bits = o.bits[0];
-  auto lrec_job = [&](const std::string& m, int b, int rank, const fs::path& dir, long steps, long eval_windows,
-                      const std::string& format, double ce_weight, const std::string& adapter_format) {
+  // One `intrain lrec` child; `name` names its job and its log.
+  auto lrec_child = [&](const std::string& name, const fs::path& teacher_file, const fs::path& quantized, int rank,
+                        const fs::path& dir, long steps, long eval_windows, const std::string& format, double ce_weight,
+                        const std::string& adapter_format, int batch, const std::string& teacher_storage) {
     const double alpha = o.alpha > 0.0 ? o.alpha / o.rank * rank : 4.0 * rank;
-    return ChildJob{dir.filename().string(),
-                    plus({"lrec", "--teacher", teacher.string(), "--quantized",
-                          (o.out / "quantized" / (quantized_name(m, b) + ".safetensors")).string(), "--rank",
-                          std::to_string(rank), "--alpha", s(alpha), "--steps", std::to_string(steps), "--batch",
-                          std::to_string(o.batch), "--lr", s(o.lr), "--clip-grad-norm", s(o.clip_grad_norm),
-                          "--ce-weight", s(ce_weight), "--format", format,
-                          "--adapter-format", adapter_format,
-                          "--eval-windows", std::to_string(eval_windows), "--seed", std::to_string(o.seed), "--quiet",
-                          "--overwrite", "--out", dir.string()},
-                         common(o, threads)),
-                    dir / "summary.json", o.out / "logs" / ("lrec-" + dir.filename().string() + ".log")};
+    std::vector<std::string> a = {"lrec", "--teacher", teacher_file.string(), "--quantized", quantized.string(), "--rank",
+                                  std::to_string(rank), "--alpha", s(alpha), "--steps", std::to_string(steps), "--batch",
+                                  std::to_string(batch), "--lr", s(o.lr), "--clip-grad-norm", s(o.clip_grad_norm),
+                                  "--ce-weight", s(ce_weight), "--format", format,
+                                  "--adapter-format", adapter_format,
+                                  "--eval-windows", std::to_string(eval_windows), "--seed", std::to_string(o.seed), "--quiet",
+                                  "--overwrite", "--out", dir.string()};
+    if (teacher_storage != "fp32") a.insert(a.end(), {"--teacher-storage", teacher_storage});
+    return ChildJob{name, plus(a, common(o, threads)), dir / "summary.json", o.out / "logs" / ("lrec-" + name + ".log")};
+  };
+  auto lrec_job = [&](const std::string& m, int b, int rank, const fs::path& dir, long steps, long eval_windows,
+                      const std::string& format, double ce_weight, const std::string& adapter_format,
+                      const std::string& teacher_storage = "fp32") {
+    return lrec_child(dir.filename().string(), teacher, o.out / "quantized" / (quantized_name(m, b) + ".safetensors"), rank,
+                      dir, steps, eval_windows, format, ce_weight, adapter_format, o.batch, teacher_storage);
   };
   jobs.clear();
   for (const std::string& m : o.methods)
@@ -327,6 +347,8 @@ int run_reproduce_int21(const ReproduceOptions& o) {
   // time does, and these are short).
   const fs::path mem = o.out / "memory";
   jobs.push_back(lrec_job(sweep_method, sweep_bits, o.rank, mem / "int-lrec", o.memory_steps, 8, o.format, o.ce_weight, "int"));
+  jobs.push_back(lrec_job(sweep_method, sweep_bits, o.rank, mem / "int-lrec-fp16-teacher", o.memory_steps, 8, o.format,
+                          o.ce_weight, "int", "fp16"));
   jobs.push_back(lrec_job(sweep_method, sweep_bits, o.rank, mem / "fp32-lora", o.memory_steps, 8, "fp32", o.ce_weight, "fp32"));
   run(jobs);
   const json tsum = read_json(fs::path(teacher).parent_path() / "summary.json");
@@ -339,6 +361,53 @@ int run_reproduce_int21(const ReproduceOptions& o) {
                 "--quiet", "--overwrite", "--out", (mem / "fp32-full").string()},
                common(o, threads)),
           mem / "fp32-full" / "summary.json", o.out / "logs" / "memory-fp32-full.log"}});
+  }
+
+  // Memory against model size: the table's model is small next to its
+  // activations, INT2.1's LLaMA models are not. At each --memory-widths
+  // width (the teacher's depth and context, 64-wide heads) a float model with
+  // one step of training (its weights do not change the memory), its RTN
+  // quantization at the sweep's bits, and at each --memory-batches batch the
+  // same steps of fp32 full fine-tuning and of integer LREC with the teacher
+  // in fp32 and in fp16.
+  const bool known = !tsum.is_null() && tsum.contains("config");
+  const int scale_layers = known ? tsum["config"]["layers"].get<int>() : o.layers;
+  const int scale_context = known ? tsum["config"]["context"].get<int>() : o.context;
+  for (const int W : o.memory_widths) {
+    if (W <= 0) continue;  // --memory-widths 0: none
+    const fs::path d = mem / ("d" + std::to_string(W));
+    const std::string tag = "memory-d" + std::to_string(W);
+    const std::vector<std::string> arch = {"train", "--format", "fp32", "--layers", std::to_string(scale_layers), "--d-model",
+                                           std::to_string(W), "--heads", std::to_string(std::max(1, W / 64)), "--context",
+                                           std::to_string(scale_context), "--eval-every", "0", "--checkpoint-every", "0",
+                                           "--seed", std::to_string(o.seed), "--quiet", "--overwrite"};
+    const fs::path model = d / "model" / "model.safetensors", q = d / ("rtn-int" + std::to_string(sweep_bits) + ".safetensors");
+    if (!run({{tag + "-model", plus(plus(arch, {"--batch", "1", "--steps", "1", "--final-eval-windows", "1", "--out", (d / "model").string()}),
+                                    common(o, threads)),
+               d / "model" / "summary.json", o.out / "logs" / (tag + "-model.log")}}))
+      continue;
+    std::error_code ec;
+    fs::remove(d / "model" / "train_state.safetensors", ec);  // twice the model's size, and never resumed
+    if (!run({{tag + "-quantize",
+               plus({"quantize", "--model", model.string(), "--bits", std::to_string(sweep_bits), "--group",
+                     std::to_string(o.group), "--method", "rtn", "--seed", std::to_string(o.seed), "--out", q.string()},
+                    common(o, threads)),
+               q.string() + ".json", o.out / "logs" / (tag + "-quantize.log")}}))
+      continue;
+    jobs.clear();
+    for (const int B : o.memory_batches) {
+      const std::string b = "-b" + std::to_string(B);
+      jobs.push_back({tag + "-fp32-full" + b,
+                      plus(plus(arch, {"--batch", std::to_string(B), "--steps", std::to_string(o.memory_steps),
+                                       "--final-eval-windows", "8", "--out", (d / ("fp32-full" + b)).string()}),
+                           common(o, threads)),
+                      d / ("fp32-full" + b) / "summary.json", o.out / "logs" / (tag + "-fp32-full" + b + ".log")});
+      for (const char* storage : {"fp32", "fp16"}) {
+        const std::string n = std::string("int-lrec-") + storage + "-teacher" + b;
+        jobs.push_back(lrec_child(tag + "-" + n, model, q, o.rank, d / n, o.memory_steps, 8, o.format, o.ce_weight, "int", B, storage));
+      }
+    }
+    run(jobs);
   }
 
   // 4. The report.
@@ -386,6 +455,33 @@ int run_reproduce_int21(const ReproduceOptions& o) {
                         {"int_lrec_breakdown", ilrec["memory"]}};
     report["memory"]["int_lrec_breakdown"].erase("peak_rss_mib");
     report["memory"]["int_lrec_breakdown"].erase("peak_rss_mib_before_training");
+    const json l16 = read_json(mem / "int-lrec-fp16-teacher" / "summary.json");
+    if (!l16.is_null()) {
+      report["memory"]["int_lrec_fp16_teacher"] = l16["memory"]["peak_rss_mib"];
+      report["memory"]["ratio_lrec_fp16_teacher_to_full"] = l16["memory"]["peak_rss_mib"].get<double>() / f;
+    }
+  }
+  for (const int W : o.memory_widths) {
+    if (W <= 0) continue;
+    const fs::path d = mem / ("d" + std::to_string(W));
+    for (const int B : o.memory_batches) {
+      const std::string b = "-b" + std::to_string(B);
+      const json fu = read_json(d / ("fp32-full" + b) / "summary.json"), l32 = read_json(d / ("int-lrec-fp32-teacher" + b) / "summary.json"),
+                 l16 = read_json(d / ("int-lrec-fp16-teacher" + b) / "summary.json");
+      if (fu.is_null() || l32.is_null() || l16.is_null()) continue;
+      const double full_mib = fu["peak_rss_mib_training"], a = l32["memory"]["peak_rss_mib"], h = l16["memory"]["peak_rss_mib"];
+      json row = {{"d_model", W},
+                  {"layers", fu["config"].value("layers", 0)},
+                  {"parameters", fu["parameters"]},
+                  {"batch", B},
+                  {"fp32_full_finetune", full_mib},
+                  {"int_lrec_fp32_teacher", a},
+                  {"int_lrec_fp16_teacher", h},
+                  {"ratio_fp32_teacher", a / full_mib},
+                  {"ratio_fp16_teacher", h / full_mib},
+                  {"int_lrec_fp16_teacher_breakdown", l16["memory"]}};
+      report["memory_scale"].push_back(row);
+    }
   }
   report["failed"] = json::array();
   for (const ChildFailure& f : failed) report["failed"].push_back({{"name", f.name}, {"message", f.message}});

@@ -58,6 +58,10 @@ struct ReproduceOptions {
   std::vector<int> reference_bits{2, 4};
   long eval_windows = 0;   // 0: the whole validation split
   long memory_steps = 10;  // steps of each memory-comparison run
+  // Memory against model size (reproduce.cpp): float models of these widths
+  // at the teacher's depth, at these batches. No widths: no such stage.
+  std::vector<int> memory_widths{1024, 2048};
+  std::vector<int> memory_batches{1, 4};
   int jobs = 1;
   int threads = 0;         // per child; 0: 1 when jobs > 1, else all
   std::uint64_t seed = 1;

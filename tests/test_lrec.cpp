@@ -255,7 +255,7 @@ TEST(ReproduceCli, WritesTheTableAndResumesWithoutRecomputing) {
   const std::string args = "reproduce int21 --teacher " + s.teacher.string() + " --data " + testing::tiny_corpus().string() +
                            " --out " + out.string() +
                            " --methods rtn --bits 2,4 --group 8 --rank 1 --sweep-ranks 2 --lrec-steps 10 --batch 4"
-                           " --eval-windows 8 --calib-tokens 256 --jobs 2 --no-plots";
+                           " --eval-windows 8 --calib-tokens 256 --memory-widths 16 --memory-batches 1 --jobs 2 --no-plots";
   std::string log;
   ASSERT_EQ(run_cli(args, &log), 0) << log;
   const json r = read(out / "int21.json");
@@ -278,6 +278,19 @@ TEST(ReproduceCli, WritesTheTableAndResumesWithoutRecomputing) {
   }
   EXPECT_EQ(r["rank_sweep"].size(), 2u);  // ranks 1 (the table's) and 2
   EXPECT_TRUE(r.contains("memory"));
+  EXPECT_TRUE(r["memory"].contains("ratio_lrec_fp16_teacher_to_full"));
+  // Memory against model size: one width, one batch, both teacher storages,
+  // each ratio against the fp32 run's peak before its checkpoint.
+  ASSERT_EQ(r["memory_scale"].size(), 1u);
+  const json& ms = r["memory_scale"][0];
+  EXPECT_EQ(ms["d_model"], 16);
+  EXPECT_EQ(ms["batch"], 1);
+  EXPECT_DOUBLE_EQ(ms["ratio_fp16_teacher"].get<double>(),
+                   ms["int_lrec_fp16_teacher"].get<double>() / ms["fp32_full_finetune"].get<double>());
+  const json l16 = read(out / "memory" / "d16" / "int-lrec-fp16-teacher-b1" / "summary.json");
+  EXPECT_EQ(l16["config"]["teacher_storage"], "fp16");
+  EXPECT_EQ(read(out / "memory" / "d16" / "int-lrec-fp32-teacher-b1" / "summary.json")["config"]["teacher_storage"], "fp32");
+  EXPECT_FALSE(fs::exists(out / "memory" / "d16" / "model" / "train_state.safetensors"));
   EXPECT_TRUE(fs::exists(out / "int21.md"));
   // Again: every stage is found finished, nothing runs, the table is the same.
   ASSERT_EQ(run_cli(args, &log), 0) << log;
