@@ -27,7 +27,8 @@ float from_half(HalfBits h);   // exact
 // name) if an element is not finite or would round past ±65504.
 std::vector<HalfBits> narrow_to_half(std::span<const float> x, const std::string& what);
 
-// out[i] = from_half(h[i]); vectorised (F16C where the CPU has it).
+// out[i] = from_half(h[i]) for finite halves; vectorised (F16C where the CPU
+// has it, a portable branch-free loop elsewhere).
 void widen_half(std::span<const HalfBits> h, float* out);
 
 }  // namespace intrain
