@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <regex>
 #include <sstream>
 #include <stdexcept>
@@ -339,6 +340,21 @@ Format TiledOperand::value_format() const { return split_ ? Format::fixed(15) : 
 
 namespace {
 
+// n / d and n % d for 0 <= n < 2^51, without a 64-bit divide (tens of
+// cycles each, and every outlier needs its row and column several times):
+// a double reciprocal gives the quotient within one, and one step corrects it.
+struct LineDivider {
+  std::int64_t d;
+  double inv;
+  explicit LineDivider(std::int64_t divisor) : d(divisor), inv(1.0 / static_cast<double>(divisor)) {}
+  std::int64_t quot(std::int64_t n) const {
+    std::int64_t q = static_cast<std::int64_t>(static_cast<double>(n) * inv);
+    const std::int64_t r = n - q * d;
+    q += static_cast<std::int64_t>(r >= d) - static_cast<std::int64_t>(r < 0);
+    return q;
+  }
+};
+
 // Where a partial product goes: C[rows[i], cols[j]] += P[i, j] << shift.
 // A null map is the identity; a -1 entry is padding and is skipped.
 struct Dest {
@@ -410,9 +426,10 @@ struct Entry {
 };
 std::vector<Entry> entries(const OutlierSplit& s, Trans t) {
   const std::int64_t cols = s.bulk.cols();
+  const LineDivider by_cols(cols);
   std::vector<Entry> e(s.index.size());
   for (std::size_t q = 0; q < e.size(); ++q) {
-    const std::int64_t r = s.index[q] / cols, c = s.index[q] % cols;
+    const std::int64_t r = by_cols.quot(s.index[q]), c = s.index[q] - r * cols;
     e[q] = t == Trans::N ? Entry{r, c, s.high[q]} : Entry{c, r, s.high[q]};
   }
   return e;
@@ -482,8 +499,9 @@ Gathered gather(const TiledOperand& X, Trans t, bool rows_of_op, const std::vect
   if (X.is_split()) {
     const OutlierSplit& s = X.split();
     std::int16_t* o = g.block.data<std::int16_t>();
+    const LineDivider by_cols(cols);
     for (std::size_t j = 0; j < s.index.size(); ++j) {
-      const std::int64_t r = s.index[j] / cols, c = s.index[j] % cols;
+      const std::int64_t r = by_cols.quot(s.index[j]), c = s.index[j] - r * cols;
       const std::int64_t q = pos[static_cast<std::size_t>(storage_rows ? r : c)];
       if (q < 0) continue;
       const std::int64_t at = storage_rows ? q * gc + c : r * gc + q;
@@ -491,6 +509,26 @@ Gathered gather(const TiledOperand& X, Trans t, bool rows_of_op, const std::vect
     }
   }
   return g;
+}
+
+// How many distinct storage rows and columns hold an outlier: all the cost
+// model needs, without building the entries (the scatter does not use them).
+struct Distinct {
+  std::int64_t rows = 0, cols = 0;
+};
+Distinct distinct_lines(const OutlierSplit& s) {
+  const std::int64_t cols = s.bulk.cols();
+  const LineDivider by_cols(cols);
+  std::vector<std::uint8_t> seen_row(static_cast<std::size_t>(s.bulk.rows()), 0), seen_col(static_cast<std::size_t>(cols), 0);
+  Distinct d;
+  for (const std::int64_t i : s.index) {
+    const std::int64_t r = by_cols.quot(i), c = i - r * cols;
+    d.rows += seen_row[static_cast<std::size_t>(r)] == 0;
+    d.cols += seen_col[static_cast<std::size_t>(c)] == 0;
+    seen_row[static_cast<std::size_t>(r)] = 1;
+    seen_col[static_cast<std::size_t>(c)] = 1;
+  }
+  return d;
 }
 
 Format gathered_format(const TiledOperand& X) { return X.is_split() ? Format::fixed(15) : X.dense().format(); }
@@ -526,18 +564,36 @@ OutlierLines group_by_line(const OutlierSplit& S, Trans t, bool rows_of_op) {
   const bool storage_rows = rows_of_op == (t == Trans::N);  // the lines are storage rows
   const std::int64_t L = storage_rows ? r : c;               // lines per matrix
   const std::size_t n = S.index.size();
-  // Each outlier's line (b·L + row or column) and other coordinate.
+  const LineDivider by_cols(c), by_rows(r);
+  OutlierLines g;
+  g.other.resize(n);
+  if (storage_rows) {
+    // The flat indices ascend, so the outliers already come line by line
+    // (a storage row counted over the batch is b·r + row: the line itself).
+    for (std::size_t q = 0; q < n; ++q) {
+      const std::int64_t row = by_cols.quot(S.index[q]);
+      if (g.line.empty() || g.line.back() != row) {
+        g.line.push_back(row);
+        g.start.push_back(static_cast<std::int64_t>(q));
+      }
+      g.other[q] = S.index[q] - row * c;
+    }
+    g.high.assign(S.high.begin(), S.high.end());
+    g.start.push_back(static_cast<std::int64_t>(n));
+    return g;
+  }
+  // Lines are columns: each outlier's line (b·c + column) and its row, then
+  // a counting sort by line (stable: each line keeps the index order).
   std::vector<std::int64_t> key(n), other(n);
   for (std::size_t q = 0; q < n; ++q) {
-    const std::int64_t row = S.index[q] / c, col = S.index[q] - row * c;  // row counts over the batch
-    const std::int64_t b = row / r, sr = row - b * r;
-    key[q] = storage_rows ? row : b * c + col;
-    other[q] = storage_rows ? col : sr;
+    const std::int64_t row = by_cols.quot(S.index[q]), col = S.index[q] - row * c;  // row counts over the batch
+    const std::int64_t b = by_rows.quot(row);
+    key[q] = b * c + col;
+    other[q] = row - b * r;
   }
-  // A counting sort by line (stable: each line keeps the index order).
   std::vector<std::int64_t> count(static_cast<std::size_t>(S.bulk.batch() * L) + 1, 0);
   for (const std::int64_t k : key) ++count[static_cast<std::size_t>(k) + 1];
-  OutlierLines g;
+  g.high.resize(n);
   for (std::size_t q = 1; q < count.size(); ++q) {
     if (count[q] > 0) {
       g.line.push_back(static_cast<std::int64_t>(q) - 1);
@@ -546,8 +602,6 @@ OutlierLines group_by_line(const OutlierSplit& S, Trans t, bool rows_of_op) {
     count[q] += count[q - 1];
   }
   g.start.push_back(static_cast<std::int64_t>(n));
-  g.other.resize(n);
-  g.high.resize(n);
   for (std::size_t q = 0; q < n; ++q) {
     const auto at = static_cast<std::size_t>(count[static_cast<std::size_t>(key[q])]++);
     g.other[at] = other[q];
@@ -647,13 +701,27 @@ void scatter_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans 
   const RowSource rows = op_rows_source(B, tb);  // [batch,] K x N
   const std::int64_t M = dm.M, K = dm.K, N = dm.N, nl = static_cast<std::int64_t>(g.line.size());
   visit_unsigned(C, [&](auto* c) {
+    using U = std::remove_pointer_t<decltype(c)>;
     visit_narrow_values(rows.get(), [&](const auto* v) {
+      using V = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
+      // A 64-bit C (wide products, dW) sums each line's unshifted terms in
+      // 32 bits first, twice the vector lanes, when they provably fit:
+      // |h·v| <= 127·2^(bits of V - 1) per term.
+      const std::int64_t fits32 = std::numeric_limits<std::int32_t>::max() / (127 * (std::int64_t{1} << (8 * sizeof(V) - 1)));
       for_chunks(nl, [&](std::int64_t, std::int64_t l0, std::int64_t l1) {
+        std::vector<std::uint32_t> line32;
         for (std::int64_t l = l0; l < l1; ++l) {
           const std::int64_t b = g.line[static_cast<std::size_t>(l)] / M;
-          auto* crow = c + g.line[static_cast<std::size_t>(l)] * N;
-          for (std::int64_t q = g.start[static_cast<std::size_t>(l)]; q < g.start[static_cast<std::size_t>(l) + 1]; ++q)
-            add_scaled(crow, v + (b * K + g.other[static_cast<std::size_t>(q)]) * N, N, g.high[static_cast<std::size_t>(q)], kOutlierShift);
+          U* crow = c + g.line[static_cast<std::size_t>(l)] * N;
+          const std::int64_t q0 = g.start[static_cast<std::size_t>(l)], q1 = g.start[static_cast<std::size_t>(l) + 1];
+          auto src = [&](std::int64_t q) { return v + (b * K + g.other[static_cast<std::size_t>(q)]) * N; };
+          if (sizeof(U) == 8 && q1 - q0 > 1 && q1 - q0 <= fits32) {
+            line32.assign(static_cast<std::size_t>(N), 0u);
+            for (std::int64_t q = q0; q < q1; ++q) add_scaled(line32.data(), src(q), N, g.high[static_cast<std::size_t>(q)], 0);
+            add_row(crow, reinterpret_cast<const std::int32_t*>(line32.data()), N, kOutlierShift);
+            continue;
+          }
+          for (std::int64_t q = q0; q < q1; ++q) add_scaled(crow, src(q), N, g.high[static_cast<std::size_t>(q)], kOutlierShift);
         }
       }, lines_per_chunk(S, nl, N));
     });
@@ -670,23 +738,46 @@ void scatter_right(const TiledOperand& A, Trans ta, const OutlierSplit& S, Trans
   visit_unsigned(C, [&](auto* c) {
     using U = std::remove_pointer_t<decltype(c)>;
     visit_narrow_values(cols.get(), [&](const auto* v) {
+      using V = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
+      // As in scatter_left: with a 64-bit C the columns are summed unshifted
+      // in 32 bits when every line's terms provably fit (|h·v| <= 127·2^(bits of V - 1)).
+      const std::int64_t fits32 = std::numeric_limits<std::int32_t>::max() / (127 * (std::int64_t{1} << (8 * sizeof(V) - 1)));
       for_chunks(nl, [&](std::int64_t, std::int64_t l0, std::int64_t l1) {
         // The chunk's columns, one per row of `cols` (l-major), then added
         // into C row by row: a column written element by element would
         // stride by N and thrash the cache sets.
         const std::int64_t n = l1 - l0;
-        std::vector<U> sums(static_cast<std::size_t>(n * M), U{0});
         std::vector<std::int64_t> at(static_cast<std::size_t>(n));  // where column l starts in C
+        bool narrow = sizeof(U) == 8;
         for (std::int64_t l = l0; l < l1; ++l) {
           const std::int64_t b = g.line[static_cast<std::size_t>(l)] / N, j = g.line[static_cast<std::size_t>(l)] % N;
           at[static_cast<std::size_t>(l - l0)] = b * M * N + j;
-          U* column = sums.data() + (l - l0) * M;
-          for (std::int64_t q = g.start[static_cast<std::size_t>(l)]; q < g.start[static_cast<std::size_t>(l) + 1]; ++q)
-            add_scaled(column, v + (b * K + g.other[static_cast<std::size_t>(q)]) * M, M, g.high[static_cast<std::size_t>(q)], kOutlierShift);
+          narrow = narrow && g.start[static_cast<std::size_t>(l) + 1] - g.start[static_cast<std::size_t>(l)] <= fits32;
         }
-        // Distinct lines write distinct columns of C: no two chunks meet.
-        for (std::int64_t i = 0; i < M; ++i)
-          for (std::int64_t l = 0; l < n; ++l) c[at[static_cast<std::size_t>(l)] + i * N] += sums[static_cast<std::size_t>(l * M + i)];
+        auto sum_and_add = [&](auto zero, int shift) {
+          using Sum = decltype(zero);
+          std::vector<Sum> sums(static_cast<std::size_t>(n * M), zero);
+          for (std::int64_t l = l0; l < l1; ++l) {
+            const std::int64_t b = g.line[static_cast<std::size_t>(l)] / N;
+            Sum* column = sums.data() + (l - l0) * M;
+            for (std::int64_t q = g.start[static_cast<std::size_t>(l)]; q < g.start[static_cast<std::size_t>(l) + 1]; ++q)
+              add_scaled(column, v + (b * K + g.other[static_cast<std::size_t>(q)]) * M, M, g.high[static_cast<std::size_t>(q)], shift);
+          }
+          // Distinct lines write distinct columns of C: no two chunks meet.
+          // Narrow sums are signed 32-bit values, widened and shifted here.
+          for (std::int64_t i = 0; i < M; ++i)
+            for (std::int64_t l = 0; l < n; ++l) {
+              const Sum x = sums[static_cast<std::size_t>(l * M + i)];
+              c[at[static_cast<std::size_t>(l)] + i * N] +=
+                  sizeof(Sum) == sizeof(U) ? static_cast<U>(x)
+                                         : static_cast<U>(static_cast<U>(static_cast<std::int64_t>(static_cast<std::int32_t>(x))) << kOutlierShift);
+            }
+        };
+        if (narrow) {
+          sum_and_add(std::uint32_t{0}, 0);
+        } else {
+          sum_and_add(U{0}, kOutlierShift);
+        }
       }, lines_per_chunk(S, nl, M));
     });
   });
@@ -709,16 +800,19 @@ void sparse_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans t
   const std::int64_t M = ta == Trans::N ? S.bulk.rows() : S.bulk.cols();
   const std::int64_t K = ta == Trans::N ? S.bulk.cols() : S.bulk.rows();
   const std::int64_t N = tb == Trans::N ? B.dense().cols() : B.dense().rows();
-  const std::vector<Entry> e = entries(S, ta);
-  const Selection rows = select(e, M, [](const Entry& x) { return x.i; });
-  const Selection ks = select(e, K, [](const Entry& x) { return x.j; });
-  const std::int64_t nr = static_cast<std::int64_t>(rows.list.size()), nk = static_cast<std::int64_t>(ks.list.size());
+  const Distinct dl = distinct_lines(S);
+  const std::int64_t nr = ta == Trans::N ? dl.rows : dl.cols, nk = ta == Trans::N ? dl.cols : dl.rows;
   const double cost_rows = static_cast<double>(nr) * K * N;
   const double cost_k = static_cast<double>(M) * nk * N * (B.is_split() ? 2 : 1);  // int8 x int16 is two products
   const double cost_scatter = kScatterCost * (static_cast<double>(S.outliers()) * N + copied_elements(B, tb, true));
   if (one_by_one(how, cost_scatter, std::min(cost_rows, cost_k), d, shift)) {
     scatter_left(S, ta, B, tb, MatmulDims{1, M, K, N}, *d.C);
-  } else if (cost_rows <= cost_k) {
+    return;
+  }
+  const std::vector<Entry> e = entries(S, ta);
+  const Selection rows = select(e, M, [](const Entry& x) { return x.i; });
+  const Selection ks = select(e, K, [](const Entry& x) { return x.j; });
+  if (cost_rows <= cost_k) {
     // The rows of op(A) that hold an outlier, times all of op(B).
     const std::int64_t pad = padded(nr, M);
     Tensor G({pad, K}, Format::fixed(8));
@@ -746,15 +840,18 @@ void sparse_right(const Tensor& A, Trans ta, const OutlierSplit& S, Trans tb, co
   const std::int64_t K = tb == Trans::N ? S.bulk.rows() : S.bulk.cols();
   const std::int64_t N = tb == Trans::N ? S.bulk.cols() : S.bulk.rows();
   const std::int64_t M = ta == Trans::N ? A.rows() : A.cols();
-  const std::vector<Entry> e = entries(S, tb);
-  const Selection cols = select(e, N, [](const Entry& x) { return x.j; });
-  const Selection ks = select(e, K, [](const Entry& x) { return x.i; });
-  const std::int64_t nc = static_cast<std::int64_t>(cols.list.size()), nk = static_cast<std::int64_t>(ks.list.size());
+  const Distinct dl = distinct_lines(S);
+  const std::int64_t nc = tb == Trans::N ? dl.cols : dl.rows, nk = tb == Trans::N ? dl.rows : dl.cols;
   const double cost_cols = static_cast<double>(M) * K * nc, cost_k = static_cast<double>(M) * nk * N;
   const double cost_scatter = kScatterCost * (static_cast<double>(S.outliers()) * M + copied_elements(A, ta, false));
   if (one_by_one(how, cost_scatter, std::min(cost_cols, cost_k), d, shift)) {
     scatter_right(A, ta, S, tb, MatmulDims{1, M, K, N}, *d.C);
-  } else if (cost_cols <= cost_k) {
+    return;
+  }
+  const std::vector<Entry> e = entries(S, tb);
+  const Selection cols = select(e, N, [](const Entry& x) { return x.j; });
+  const Selection ks = select(e, K, [](const Entry& x) { return x.i; });
+  if (cost_cols <= cost_k) {
     // The columns of op(B) that hold an outlier.
     const std::int64_t pad = padded(nc, N);
     Tensor G({K, pad}, Format::fixed(8));

@@ -309,34 +309,42 @@ INTRAIN_INLINE std::int64_t requant_right_body(const In* in, Out* out, std::int6
   using UW = std::make_unsigned_t<W>;
   const W lo = static_cast<W>(lo64), hi = static_cast<W>(hi64);
   const UW mask = (UW(1) << s) - 1;
+  // The clip count runs in W per block of at most 2^30 elements: a 64-bit
+  // counter in a 32-bit loop would halve its vector lanes.
+  constexpr std::int64_t kBlock = std::int64_t{1} << 30;
   std::int64_t clipped = 0;
-  if (mode == Rounding::Nearest) {
-    const UW half = UW(1) << (s - 1);
-    for (std::int64_t i = 0; i < n; ++i) {
-      const W v = in[i];
-      W q = v >> s;
-      const UW rem = static_cast<UW>(v) & mask;
-      q += static_cast<W>((rem > half) | ((rem == half) & static_cast<UW>(q & 1)));
-      clipped += (q > hi) | (q < lo);
-      q = q > hi ? hi : (q < lo ? lo : q);
-      out[i] = static_cast<Out>(q);
-    }
-  } else {
-    for (std::int64_t i = 0; i < n; ++i) {
-      const W v = in[i];
-      W q = v >> s;
-      const UW rem = static_cast<UW>(v) & mask;
-      std::uint32_t frac32;
-      if constexpr (sizeof(W) == 4) {
-        frac32 = static_cast<std::uint32_t>(rem << (32 - s));
-      } else {
-        frac32 = static_cast<std::uint32_t>(s <= 32 ? rem << (32 - s) : rem >> (s - 32));
+  for (std::int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const std::int64_t b1 = std::min(n, b0 + kBlock);
+    W clip = 0;
+    if (mode == Rounding::Nearest) {
+      const UW half = UW(1) << (s - 1);
+      for (std::int64_t i = b0; i < b1; ++i) {
+        const W v = in[i];
+        W q = v >> s;
+        const UW rem = static_cast<UW>(v) & mask;
+        q += static_cast<W>((rem > half) | ((rem == half) & static_cast<UW>(q & 1)));
+        clip += (q > hi) | (q < lo);
+        q = q > hi ? hi : (q < lo ? lo : q);
+        out[i] = static_cast<Out>(q);
       }
-      q += static_cast<W>(frac32 > key.bits(base + static_cast<std::uint32_t>(i)));
-      clipped += (q > hi) | (q < lo);
-      q = q > hi ? hi : (q < lo ? lo : q);
-      out[i] = static_cast<Out>(q);
+    } else {
+      for (std::int64_t i = b0; i < b1; ++i) {
+        const W v = in[i];
+        W q = v >> s;
+        const UW rem = static_cast<UW>(v) & mask;
+        std::uint32_t frac32;
+        if constexpr (sizeof(W) == 4) {
+          frac32 = static_cast<std::uint32_t>(rem << (32 - s));
+        } else {
+          frac32 = static_cast<std::uint32_t>(s <= 32 ? rem << (32 - s) : rem >> (s - 32));
+        }
+        q += static_cast<W>(frac32 > key.bits(base + static_cast<std::uint32_t>(i)));
+        clip += (q > hi) | (q < lo);
+        q = q > hi ? hi : (q < lo ? lo : q);
+        out[i] = static_cast<Out>(q);
+      }
     }
+    clipped += clip;
   }
   return clipped;
 }

@@ -367,6 +367,36 @@ Tensor as_batch(const Tensor& x, std::int64_t batch) {
   return t;
 }
 
+TEST(MatmulTiled, EveryOutlierFindsItsLineAtAwkwardWidths) {
+  // The outlier terms find an outlier's row and column from its flat index
+  // through a double reciprocal and one correction step. Widths such as 49
+  // (49 · fl(1/49) < 1) and 3 are where the reciprocal alone lands one low
+  // on exact multiples; with every element an outlier, each index is used,
+  // rank 2 and batched (a line over the batch is divided by the rows too).
+  for (const std::int64_t w : {3, 7, 49, 97}) {
+    const Source a = make_source(2 * w, w, Plant::None, 40 + w);
+    const OutlierSplit sa = outlier_split(a.x, OutlierPolicy{OutlierRule::TopK, 1e9});
+    ASSERT_EQ(sa.outliers(), a.x.numel());
+    for (Trans ta : {Trans::N, Trans::T})
+      for (Trans tb : {Trans::N, Trans::T}) {
+        const std::int64_t K = ta == Trans::N ? w : 2 * w;
+        const Tensor B = random_int(tb == Trans::N ? Shape{K, 5} : Shape{5, K}, Format::fixed(8), 9, testing::Fill::Uniform, -2);
+        const std::int64_t Kr = tb == Trans::N ? 2 * w : w;  // op(sa) on the right is Kr x (the other)
+        const Tensor A = random_int(ta == Trans::N ? Shape{5, Kr} : Shape{Kr, 5}, Format::fixed(8), 10, testing::Fill::Uniform, 1);
+        expect_tiled_exact(sa, B, ta, tb);
+        expect_tiled_exact(A, sa, ta, tb);
+      }
+    const Tensor ab = as_batch(a.x, 2);  // 2 matrices of w x w
+    const OutlierSplit sb = outlier_split(ab, OutlierPolicy{OutlierRule::TopK, 1e9});
+    const Tensor b8 = random_int({2, w, 4}, Format::fixed(8), 11, testing::Fill::Uniform, 0);
+    const Tensor a8 = random_int({2, 4, w}, Format::fixed(8), 12, testing::Fill::Uniform, 0);
+    for (Trans t : {Trans::N, Trans::T}) {
+      expect_tiled_exact(sb, b8, t, Trans::N);
+      expect_tiled_exact(a8, sb, Trans::N, t);
+    }
+  }
+}
+
 TEST(MatmulTiled, BatchedEveryLayoutAndMix) {
   // Rank-3 operands (attention's products), every transpose, split x plain,
   // plain x split and split x split. Planted in one storage row (one matrix
