@@ -613,17 +613,26 @@ OutlierLines group_by_line(const OutlierSplit& S, Trans t, bool rows_of_op) {
 // Each matrix of a batch transposed, in the same format.
 Tensor transposed(const Tensor& X) {
   const std::int64_t r = X.rows(), c = X.cols();
-  Tensor T(X.rank() == 3 ? Shape{X.batch(), c, r} : Shape{c, r}, X.format(), X.exponent());
+  Tensor T = Tensor::uninitialized(X.rank() == 3 ? Shape{X.batch(), c, r} : Shape{c, r}, X.format(), X.exponent());
+  // Tiles of kTile x kTile: each reads kTile rows and writes kTile rows, so
+  // the strided side stays within a few cache lines per tile.
+  constexpr std::int64_t kTile = 32;
+  const std::int64_t row_tiles = (r + kTile - 1) / kTile;
   visit_int(X, [&](const auto* x) {
-    visit_int(T, [&](auto* o) {
-      using TO = std::remove_pointer_t<decltype(o)>;
-      for_chunks(X.batch() * r, [&](std::int64_t, std::int64_t b0, std::int64_t b1) {
-        for (std::int64_t q = b0; q < b1; ++q) {
-          const std::int64_t b = q / r, i = q % r;
-          for (std::int64_t j = 0; j < c; ++j) o[(b * c + j) * r + i] = static_cast<TO>(x[q * c + j]);
+    using TX = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
+    TX* o = T.data<TX>();
+    for_chunks(X.batch() * row_tiles, [&](std::int64_t, std::int64_t t0, std::int64_t t1) {
+      for (std::int64_t t = t0; t < t1; ++t) {
+        const std::int64_t b = t / row_tiles, i0 = (t % row_tiles) * kTile, i1 = std::min(r, i0 + kTile);
+        const TX* xb = x + b * r * c;
+        TX* ob = o + b * r * c;
+        for (std::int64_t j0 = 0; j0 < c; j0 += kTile) {
+          const std::int64_t j1 = std::min(c, j0 + kTile);
+          for (std::int64_t j = j0; j < j1; ++j)
+            for (std::int64_t i = i0; i < i1; ++i) ob[j * r + i] = xb[i * c + j];
         }
-      }, std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(c, 1)));
-    });
+      }
+    }, std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(kTile * c, 1)));
   });
   return T;
 }
