@@ -340,9 +340,10 @@ Format TiledOperand::value_format() const { return split_ ? Format::fixed(15) : 
 
 namespace {
 
-// n / d and n % d for 0 <= n < 2^51, without a 64-bit divide (tens of
-// cycles each, and every outlier needs its row and column several times):
-// a double reciprocal gives the quotient within one, and one step corrects it.
+// n / d for 0 <= n < 2^51 (the remainder is then n - q·d) without a 64-bit
+// divide (tens of cycles, and every outlier needs its row and column several
+// times): a double reciprocal gives the quotient within one, and one step
+// corrects it.
 struct LineDivider {
   std::int64_t d;
   double inv;
@@ -511,8 +512,9 @@ Gathered gather(const TiledOperand& X, Trans t, bool rows_of_op, const std::vect
   return g;
 }
 
-// How many distinct storage rows and columns hold an outlier: all the cost
-// model needs, without building the entries (the scatter does not use them).
+// How many distinct storage rows and columns of a rank-2 split hold an
+// outlier: all the cost model needs, without building the entries (the
+// scatter does not use them).
 struct Distinct {
   std::int64_t rows = 0, cols = 0;
 };
@@ -703,6 +705,14 @@ std::int64_t lines_per_chunk(const OutlierSplit& S, std::int64_t lines, std::int
   return std::max<std::int64_t>(1, kChunk / std::max<std::int64_t>(per_line * len, 1));
 }
 
+// Under a 64-bit C a line's terms h·v are summed unshifted in 32 bits when
+// at most this many meet: |h·v| <= 127·2^(bits of V - 1) per term, so 516
+// terms of int16 values or 132,104 of int8 ones stay below 2^31.
+template <class V> constexpr std::int64_t terms_that_fit_int32() {
+  return std::numeric_limits<std::int32_t>::max() / (127 * (std::int64_t{1} << (8 * sizeof(V) - 1)));
+}
+static_assert(terms_that_fit_int32<std::int16_t>() == 516 && terms_that_fit_int32<std::int8_t>() == 132104);
+
 // C += 2^7·op(A_o)·op(B), A_o the outliers of S (op(S) is [batch,] M x K).
 void scatter_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans tb, const MatmulDims& dm, Tensor& C) {
   if (S.index.empty()) return;
@@ -713,10 +723,9 @@ void scatter_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans 
     using U = std::remove_pointer_t<decltype(c)>;
     visit_narrow_values(rows.get(), [&](const auto* v) {
       using V = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
-      // A 64-bit C (wide products, dW) sums each line's unshifted terms in
-      // 32 bits first, twice the vector lanes, when they provably fit:
-      // |h·v| <= 127·2^(bits of V - 1) per term.
-      const std::int64_t fits32 = std::numeric_limits<std::int32_t>::max() / (127 * (std::int64_t{1} << (8 * sizeof(V) - 1)));
+      // A 64-bit C (wide products, dW) sums each line's terms in 32 bits
+      // first, twice the vector lanes, when they provably fit.
+      constexpr std::int64_t fits32 = terms_that_fit_int32<V>();
       for_chunks(nl, [&](std::int64_t, std::int64_t l0, std::int64_t l1) {
         std::vector<std::uint32_t> line32;
         for (std::int64_t l = l0; l < l1; ++l) {
@@ -748,9 +757,9 @@ void scatter_right(const TiledOperand& A, Trans ta, const OutlierSplit& S, Trans
     using U = std::remove_pointer_t<decltype(c)>;
     visit_narrow_values(cols.get(), [&](const auto* v) {
       using V = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
-      // As in scatter_left: with a 64-bit C the columns are summed unshifted
-      // in 32 bits when every line's terms provably fit (|h·v| <= 127·2^(bits of V - 1)).
-      const std::int64_t fits32 = std::numeric_limits<std::int32_t>::max() / (127 * (std::int64_t{1} << (8 * sizeof(V) - 1)));
+      // As in scatter_left: with a 64-bit C the columns are summed in 32
+      // bits when every line's terms provably fit.
+      constexpr std::int64_t fits32 = terms_that_fit_int32<V>();
       for_chunks(nl, [&](std::int64_t, std::int64_t l0, std::int64_t l1) {
         // The chunk's columns, one per row of `cols` (l-major), then added
         // into C row by row: a column written element by element would
