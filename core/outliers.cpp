@@ -104,6 +104,32 @@ void require_narrow(const Tensor& x, const char* who) {
   }
 }
 
+// n / d for 0 <= n < 2^51 (the remainder is then n - q·d) without a 64-bit
+// divide (tens of cycles, and scalar): a double reciprocal gives the quotient
+// within one, and one step corrects it.
+struct LineDivider {
+  std::int64_t d;
+  double inv;
+  explicit LineDivider(std::int64_t divisor) : d(divisor), inv(1.0 / static_cast<double>(divisor)) {}
+  std::int64_t quot(std::int64_t n) const {
+    std::int64_t q = static_cast<std::int64_t>(static_cast<double>(n) * inv);
+    const std::int64_t r = n - q * d;
+    q += static_cast<std::int64_t>(r >= d) - static_cast<std::int64_t>(r < 0);
+    return q;
+  }
+};
+
+// row[q] = index[q] / cols, col[q] = index[q] % cols: a separate pass over
+// the outliers, which vectorises (the divider is branch-free).
+INTRAIN_CLONES void line_coordinates(const std::int64_t* __restrict index, std::int64_t n, std::int64_t cols,
+                                     std::int64_t* __restrict row, std::int64_t* __restrict col) {
+  const LineDivider by_cols(cols);
+  for (std::int64_t q = 0; q < n; ++q) {
+    row[q] = by_cols.quot(index[q]);
+    col[q] = index[q] - row[q] * cols;
+  }
+}
+
 template <class T> INTRAIN_INLINE std::int32_t abs32(T v) { return v < 0 ? -static_cast<std::int32_t>(v) : v; }
 
 struct AbsStats {
@@ -329,6 +355,10 @@ OutlierSplit outlier_split(const Tensor& x, const OutlierPolicy& policy, RngKey 
     out.index.insert(out.index.end(), f.index.begin(), f.index.end());
     out.high.insert(out.high.end(), f.high.begin(), f.high.end());
   }
+  out.row.resize(out.index.size());
+  out.col.resize(out.index.size());
+  line_coordinates(out.index.data(), out.outliers(), std::max<std::int64_t>(x.cols(), 1),  // a scalar: 1 x 1
+                   out.row.data(), out.col.data());
   return out;
 }
 
@@ -340,21 +370,6 @@ Format TiledOperand::value_format() const { return split_ ? Format::fixed(15) : 
 
 namespace {
 
-// n / d for 0 <= n < 2^51 (the remainder is then n - q·d) without a 64-bit
-// divide (tens of cycles, and every outlier needs its row and column several
-// times): a double reciprocal gives the quotient within one, and one step
-// corrects it.
-struct LineDivider {
-  std::int64_t d;
-  double inv;
-  explicit LineDivider(std::int64_t divisor) : d(divisor), inv(1.0 / static_cast<double>(divisor)) {}
-  std::int64_t quot(std::int64_t n) const {
-    std::int64_t q = static_cast<std::int64_t>(static_cast<double>(n) * inv);
-    const std::int64_t r = n - q * d;
-    q += static_cast<std::int64_t>(r >= d) - static_cast<std::int64_t>(r < 0);
-    return q;
-  }
-};
 
 // Where a partial product goes: C[rows[i], cols[j]] += P[i, j] << shift.
 // A null map is the identity; a -1 entry is padding and is skipped.
@@ -426,13 +441,9 @@ struct Entry {
   std::int8_t high;
 };
 std::vector<Entry> entries(const OutlierSplit& s, Trans t) {
-  const std::int64_t cols = s.bulk.cols();
-  const LineDivider by_cols(cols);
   std::vector<Entry> e(s.index.size());
-  for (std::size_t q = 0; q < e.size(); ++q) {
-    const std::int64_t r = by_cols.quot(s.index[q]), c = s.index[q] - r * cols;
-    e[q] = t == Trans::N ? Entry{r, c, s.high[q]} : Entry{c, r, s.high[q]};
-  }
+  for (std::size_t q = 0; q < e.size(); ++q)
+    e[q] = t == Trans::N ? Entry{s.row[q], s.col[q], s.high[q]} : Entry{s.col[q], s.row[q], s.high[q]};
   return e;
 }
 
@@ -500,9 +511,8 @@ Gathered gather(const TiledOperand& X, Trans t, bool rows_of_op, const std::vect
   if (X.is_split()) {
     const OutlierSplit& s = X.split();
     std::int16_t* o = g.block.data<std::int16_t>();
-    const LineDivider by_cols(cols);
     for (std::size_t j = 0; j < s.index.size(); ++j) {
-      const std::int64_t r = by_cols.quot(s.index[j]), c = s.index[j] - r * cols;
+      const std::int64_t r = s.row[j], c = s.col[j];
       const std::int64_t q = pos[static_cast<std::size_t>(storage_rows ? r : c)];
       if (q < 0) continue;
       const std::int64_t at = storage_rows ? q * gc + c : r * gc + q;
@@ -519,12 +529,10 @@ struct Distinct {
   std::int64_t rows = 0, cols = 0;
 };
 Distinct distinct_lines(const OutlierSplit& s) {
-  const std::int64_t cols = s.bulk.cols();
-  const LineDivider by_cols(cols);
-  std::vector<std::uint8_t> seen_row(static_cast<std::size_t>(s.bulk.rows()), 0), seen_col(static_cast<std::size_t>(cols), 0);
+  std::vector<std::uint8_t> seen_row(static_cast<std::size_t>(s.bulk.rows()), 0), seen_col(static_cast<std::size_t>(s.bulk.cols()), 0);
   Distinct d;
-  for (const std::int64_t i : s.index) {
-    const std::int64_t r = by_cols.quot(i), c = i - r * cols;
+  for (std::size_t q = 0; q < s.index.size(); ++q) {
+    const std::int64_t r = s.row[q], c = s.col[q];
     d.rows += seen_row[static_cast<std::size_t>(r)] == 0;
     d.cols += seen_col[static_cast<std::size_t>(c)] == 0;
     seen_row[static_cast<std::size_t>(r)] = 1;
@@ -566,20 +574,17 @@ OutlierLines group_by_line(const OutlierSplit& S, Trans t, bool rows_of_op) {
   const bool storage_rows = rows_of_op == (t == Trans::N);  // the lines are storage rows
   const std::int64_t L = storage_rows ? r : c;               // lines per matrix
   const std::size_t n = S.index.size();
-  const LineDivider by_cols(c), by_rows(r);
   OutlierLines g;
-  g.other.resize(n);
   if (storage_rows) {
     // The flat indices ascend, so the outliers already come line by line
     // (a storage row counted over the batch is b·r + row: the line itself).
     for (std::size_t q = 0; q < n; ++q) {
-      const std::int64_t row = by_cols.quot(S.index[q]);
-      if (g.line.empty() || g.line.back() != row) {
-        g.line.push_back(row);
+      if (g.line.empty() || g.line.back() != S.row[q]) {
+        g.line.push_back(S.row[q]);
         g.start.push_back(static_cast<std::int64_t>(q));
       }
-      g.other[q] = S.index[q] - row * c;
     }
+    g.other.assign(S.col.begin(), S.col.end());
     g.high.assign(S.high.begin(), S.high.end());
     g.start.push_back(static_cast<std::int64_t>(n));
     return g;
@@ -587,13 +592,19 @@ OutlierLines group_by_line(const OutlierSplit& S, Trans t, bool rows_of_op) {
   // Lines are columns: each outlier's line (b·c + column) and its row, then
   // a counting sort by line (stable: each line keeps the index order).
   std::vector<std::int64_t> key(n), other(n);
-  for (std::size_t q = 0; q < n; ++q) {
-    const std::int64_t row = by_cols.quot(S.index[q]), col = S.index[q] - row * c;  // row counts over the batch
-    const std::int64_t b = by_rows.quot(row);
-    key[q] = b * c + col;
-    other[q] = row - b * r;
+  if (S.bulk.batch() == 1) {
+    key.assign(S.col.begin(), S.col.end());
+    other.assign(S.row.begin(), S.row.end());
+  } else {
+    const LineDivider by_rows(r);
+    for (std::size_t q = 0; q < n; ++q) {
+      const std::int64_t b = by_rows.quot(S.row[q]);  // the row counts over the batch
+      key[q] = b * c + S.col[q];
+      other[q] = S.row[q] - b * r;
+    }
   }
   std::vector<std::int64_t> count(static_cast<std::size_t>(S.bulk.batch() * L) + 1, 0);
+  g.other.resize(n);
   for (const std::int64_t k : key) ++count[static_cast<std::size_t>(k) + 1];
   g.high.resize(n);
   for (std::size_t q = 1; q < count.size(); ++q) {

@@ -69,6 +69,10 @@ struct OutlierSplit {
   Tensor bulk;                       // Format::fixed(8), exponent e
   std::vector<std::int64_t> index;   // flat indices of the outliers, ascending
   std::vector<std::int8_t> high;     // high piece of each outlier (weight 2^(e+7))
+  // Each outlier's storage row, counted over the batch (index / cols), and
+  // column (index % cols): found once here, so that the tiled products, each
+  // of which groups the outliers by rows or by columns, never divide.
+  std::vector<std::int64_t> row, col;
   std::int64_t threshold = 0;        // tau, in units of the source mantissa
   std::uint64_t source_max = 0;      // max |x| of the source mantissas
   int source_exponent = 0;

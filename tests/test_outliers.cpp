@@ -84,9 +84,14 @@ void expect_valid_split(const Tensor& x, const OutlierSplit& s, RngKey key) {
   EXPECT_EQ(shift, want);
   const Tensor v = s.merged();
   std::vector<bool> is_out(static_cast<std::size_t>(x.numel()), false);
+  ASSERT_EQ(s.row.size(), s.index.size());
+  ASSERT_EQ(s.col.size(), s.index.size());
+  const std::int64_t cols = std::max<std::int64_t>(x.cols(), 1);
   for (std::size_t j = 0; j < s.index.size(); ++j) {
     is_out[static_cast<std::size_t>(s.index[j])] = true;
     EXPECT_LE(std::abs(s.high[j]), 127);
+    EXPECT_EQ(s.row[j], s.index[j] / cols) << "outlier " << j;
+    EXPECT_EQ(s.col[j], s.index[j] % cols) << "outlier " << j;
   }
   std::int64_t bad = 0;
   for (std::int64_t i = 0; i < x.numel(); ++i) {
