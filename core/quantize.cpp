@@ -309,8 +309,12 @@ INTRAIN_INLINE std::int64_t requant_right_body(const In* in, Out* out, std::int6
   using UW = std::make_unsigned_t<W>;
   const W lo = static_cast<W>(lo64), hi = static_cast<W>(hi64);
   const UW mask = (UW(1) << s) - 1;
-  // The clip count runs in W per block of at most 2^30 elements: a 64-bit
-  // counter in a 32-bit loop would halve its vector lanes.
+  // q clips when it leaves [lo, hi]: one unsigned compare, q - lo > hi - lo
+  // (lo <= hi; the difference wraps modulo 2^bits(W) exactly as the range).
+  const UW span = static_cast<UW>(static_cast<UW>(hi) - static_cast<UW>(lo));
+  // The clip count runs in W per block of at most 2^30 elements, and the
+  // stochastic bits' counter in 32 bits: 64-bit lanes in a 32-bit loop
+  // would halve them.
   constexpr std::int64_t kBlock = std::int64_t{1} << 30;
   std::int64_t clipped = 0;
   for (std::int64_t b0 = 0; b0 < n; b0 += kBlock) {
@@ -323,12 +327,13 @@ INTRAIN_INLINE std::int64_t requant_right_body(const In* in, Out* out, std::int6
         W q = v >> s;
         const UW rem = static_cast<UW>(v) & mask;
         q += static_cast<W>((rem > half) | ((rem == half) & static_cast<UW>(q & 1)));
-        clip += (q > hi) | (q < lo);
+        clip += static_cast<W>(static_cast<UW>(static_cast<UW>(q) - static_cast<UW>(lo)) > span);
         q = q > hi ? hi : (q < lo ? lo : q);
         out[i] = static_cast<Out>(q);
       }
     } else {
-      for (std::int64_t i = b0; i < b1; ++i) {
+      std::uint32_t counter = base + static_cast<std::uint32_t>(b0);  // the element's index, modulo 2^32 as bits() takes it
+      for (std::int64_t i = b0; i < b1; ++i, ++counter) {
         const W v = in[i];
         W q = v >> s;
         const UW rem = static_cast<UW>(v) & mask;
@@ -338,8 +343,8 @@ INTRAIN_INLINE std::int64_t requant_right_body(const In* in, Out* out, std::int6
         } else {
           frac32 = static_cast<std::uint32_t>(s <= 32 ? rem << (32 - s) : rem >> (s - 32));
         }
-        q += static_cast<W>(frac32 > key.bits(base + static_cast<std::uint32_t>(i)));
-        clip += (q > hi) | (q < lo);
+        q += static_cast<W>(frac32 > key.bits(counter));
+        clip += static_cast<W>(static_cast<UW>(static_cast<UW>(q) - static_cast<UW>(lo)) > span);
         q = q > hi ? hi : (q < lo ? lo : q);
         out[i] = static_cast<Out>(q);
       }
