@@ -142,7 +142,7 @@ template <class T> INTRAIN_INLINE AbsStats abs_stats_body(const T* x, std::int64
   for (std::int64_t i = 0; i < n; ++i) {
     const std::int32_t a = abs32(x[i]);
     m = a > m ? a : m;
-    s += static_cast<std::int64_t>(a) * a;
+    s += a * a;  // in 32 bits (a <= 2^15): a 64-bit multiply is three times the uops
   }
   return {static_cast<std::uint64_t>(m), s};
 }
