@@ -231,9 +231,9 @@ std::int64_t kth_largest_abs(const Tensor& x, std::int64_t r) {
 // ---------------------------------------------------------------------------
 
 Tensor OutlierSplit::merged() const {
-  // Every element is written: the widening in parallel chunks (a whole pass
-  // over the operand: attention's softmax backward reads P merged), then the
-  // few outliers.
+  // Every element is written: the widening in parallel chunks (it is a whole
+  // pass over the operand, which the one-by-one product of dW needs), then
+  // the few outliers.
   Tensor v = Tensor::uninitialized(bulk.shape(), Format::fixed(15), bulk.exponent());
   const std::int8_t* b = bulk.data<std::int8_t>();
   std::int16_t* o = v.data<std::int16_t>();
@@ -549,18 +549,14 @@ Format gathered_format(const TiledOperand& X) { return X.is_split() ? Format::fi
 // outliers spread so thinly that every gathered tile would be the whole
 // matrix (docs/outliers.md, "Speed"), and for batches of matrices (rank 3,
 // attention's products), where tiles gathered per matrix would cost one
-// oneDNN call per matrix. With op(B) = op(B_b) + 2^7·op(B_o), the first
-// term is 2^7·op(A_o)·op(B_b) + 2^14·op(A_o)·op(B_o):
-//   An outlier (i, k, h) of op(A) adds 2^7·h·op(B_b)[k, :] into row i of C,
-//   and 2^14·h·g into C[i, j] for every outlier (k, j, g) of op(B): the
-//   outliers of both meet only where a column of op(A_o) meets a row of
-//   op(B_o), a join over k that costs about one term per pair.
+// oneDNN call per matrix. B is taken merged in the first term, so the
+// outlier x outlier products are in it.
+//   An outlier (i, k, h) of op(A) adds 2^7·h·op(B)[k, :] into row i of C.
 //   An outlier (k, j, h) of op(B) adds 2^7·h·op(A_b)[:, k] into column j;
 //   the column is summed in a buffer of M first, so that every inner loop
 //   runs along contiguous memory (op(A)ᵀ's rows).
-// Every term is an int8 times a plain value of at most 16 bits or an int8
-// bulk, shifted by 7 (|term| < 2^29), or an int8 times an int8 shifted by 14
-// (|term| < 2^28), formed in int32; sums are modular in C's unsigned width,
+// Every term is an int8 times a value of at most 16 bits, shifted by 7:
+// |term| < 2^29, formed in int32; sums are modular in C's unsigned width,
 // exact because the final value fits C. Cost: outliers of A times N plus
 // outliers of B times M vectorised multiply-adds, plus a transposed copy of
 // an operand whose lines are not rows in storage.
@@ -661,16 +657,22 @@ struct RowSource {
   const Tensor* view = nullptr;
   const Tensor& get() const { return view ? *view : owned; }
 };
-// The rows of op(D) (`rows`), or its columns, as the rows of a tensor.
-bool lines_in_storage(Trans t, bool rows) { return rows == (t == Trans::N); }
-RowSource op_lines(const Tensor& D, Trans t, bool rows) {
-  return lines_in_storage(t, rows) ? RowSource{{}, &D} : RowSource{transposed(D)};
+// The rows of op(X), merged if X is split.
+RowSource op_rows_source(const TiledOperand& X, Trans t) {
+  if (!X.is_split()) return t == Trans::N ? RowSource{{}, &X.dense()} : RowSource{transposed(X.dense())};
+  return RowSource{t == Trans::N ? X.split().merged() : transposed(X.split().merged())};
+}
+// The columns of op(X) as rows, from X's plain values or bulk.
+RowSource op_cols_source(const TiledOperand& X, Trans t) {
+  return t == Trans::T ? RowSource{{}, &X.dense()} : RowSource{transposed(X.dense())};
 }
 // One multiply-add of the scatter against one of a gathered int8 tile
 // product (oneDNN, VNNI): the rank-2 products pick the cheaper (bench_outlier).
 constexpr double kScatterCost = 8.0;
 // Elements a RowSource copies (the scatter's setup cost).
-std::int64_t copied_elements(const Tensor& D, Trans t, bool rows) { return lines_in_storage(t, rows) ? 0 : D.numel(); }
+std::int64_t copied_elements(const TiledOperand& X, Trans t, bool rows) {
+  return (rows ? (X.is_split() || t == Trans::T) : t == Trans::N) ? X.dense().numel() : 0;
+}
 
 // c[j] += (h·v[j]) << shift, modulo C's width (see above).
 // With int8 v the product fits int16 (|h·v| <= 127²), which vectorises
@@ -722,21 +724,12 @@ template <class V> constexpr std::int64_t terms_that_fit_int32() {
 }
 static_assert(terms_that_fit_int32<std::int16_t>() == 516 && terms_that_fit_int32<std::int8_t>() == 132104);
 
-// C += 2^7·op(A_o)·op(B), A_o the outliers of S (op(S) is [batch,] M x K):
-// the bulk of a split B here, its outliers by the join below.
+// C += 2^7·op(A_o)·op(B), A_o the outliers of S (op(S) is [batch,] M x K).
 void scatter_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans tb, const MatmulDims& dm, Tensor& C) {
   if (S.index.empty()) return;
   const OutlierLines g = group_by_line(S, ta, /*rows_of_op=*/true);
-  const RowSource rows = op_lines(B.dense(), tb, /*rows=*/true);  // [batch,] K x N
+  const RowSource rows = op_rows_source(B, tb);  // [batch,] K x N
   const std::int64_t M = dm.M, K = dm.K, N = dm.N, nl = static_cast<std::int64_t>(g.line.size());
-  // B's outliers by rows of op(B), and where each row's list starts (-1: none).
-  OutlierLines gb;
-  std::vector<std::int64_t> b_line;
-  if (B.is_split() && !B.split().index.empty()) {
-    gb = group_by_line(B.split(), tb, /*rows_of_op=*/true);
-    b_line.assign(static_cast<std::size_t>(dm.batch * K), -1);
-    for (std::size_t q = 0; q < gb.line.size(); ++q) b_line[static_cast<std::size_t>(gb.line[q])] = static_cast<std::int64_t>(q);
-  }
   visit_unsigned(C, [&](auto* c) {
     using U = std::remove_pointer_t<decltype(c)>;
     visit_narrow_values(rows.get(), [&](const auto* v) {
@@ -755,21 +748,9 @@ void scatter_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans 
             line32.assign(static_cast<std::size_t>(N), 0u);
             for (std::int64_t q = q0; q < q1; ++q) add_scaled(line32.data(), src(q), N, g.high[static_cast<std::size_t>(q)], 0);
             add_row(crow, reinterpret_cast<const std::int32_t*>(line32.data()), N, kOutlierShift);
-          } else {
-            for (std::int64_t q = q0; q < q1; ++q) add_scaled(crow, src(q), N, g.high[static_cast<std::size_t>(q)], kOutlierShift);
+            continue;
           }
-          if (b_line.empty()) continue;
-          // The join: this row's outliers (i, k, h) against row k of op(B_o).
-          for (std::int64_t q = q0; q < q1; ++q) {
-            const std::int64_t at = b_line[static_cast<std::size_t>(b * K + g.other[static_cast<std::size_t>(q)])];
-            if (at < 0) continue;
-            const std::int32_t h = g.high[static_cast<std::size_t>(q)];
-            for (std::int64_t r = gb.start[static_cast<std::size_t>(at)]; r < gb.start[static_cast<std::size_t>(at) + 1]; ++r) {
-              const std::int32_t hg = h * gb.high[static_cast<std::size_t>(r)];
-              crow[gb.other[static_cast<std::size_t>(r)]] +=
-                  static_cast<U>(static_cast<U>(static_cast<std::int64_t>(hg)) << (2 * kOutlierShift));
-            }
-          }
+          for (std::int64_t q = q0; q < q1; ++q) add_scaled(crow, src(q), N, g.high[static_cast<std::size_t>(q)], kOutlierShift);
         }
       }, lines_per_chunk(S, nl, N));
     });
@@ -781,7 +762,7 @@ void scatter_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans 
 void scatter_right(const TiledOperand& A, Trans ta, const OutlierSplit& S, Trans tb, const MatmulDims& dm, Tensor& C) {
   if (S.index.empty()) return;
   const OutlierLines g = group_by_line(S, tb, /*rows_of_op=*/false);
-  const RowSource cols = op_lines(A.dense(), ta, /*rows=*/false);  // [batch,] K x M: the columns of op(A)
+  const RowSource cols = op_cols_source(A, ta);  // [batch,] K x M: the columns of op(A)
   const std::int64_t M = dm.M, K = dm.K, N = dm.N, nl = static_cast<std::int64_t>(g.line.size());
   visit_unsigned(C, [&](auto* c) {
     using U = std::remove_pointer_t<decltype(c)>;
@@ -852,7 +833,7 @@ void sparse_left(const OutlierSplit& S, Trans ta, const TiledOperand& B, Trans t
   const std::int64_t nr = ta == Trans::N ? dl.rows : dl.cols, nk = ta == Trans::N ? dl.cols : dl.rows;
   const double cost_rows = static_cast<double>(nr) * K * N;
   const double cost_k = static_cast<double>(M) * nk * N * (B.is_split() ? 2 : 1);  // int8 x int16 is two products
-  const double cost_scatter = kScatterCost * (static_cast<double>(S.outliers()) * N + copied_elements(B.dense(), tb, true));
+  const double cost_scatter = kScatterCost * (static_cast<double>(S.outliers()) * N + copied_elements(B, tb, true));
   if (one_by_one(how, cost_scatter, std::min(cost_rows, cost_k), d, shift)) {
     scatter_left(S, ta, B, tb, MatmulDims{1, M, K, N}, *d.C);
     return;
