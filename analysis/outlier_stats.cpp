@@ -69,10 +69,10 @@ int main(int argc, char** argv) {
       r.outliers += s.outliers();
       r.per_channel.resize(static_cast<std::size_t>(cols), 0);
       std::vector<bool> row_has(static_cast<std::size_t>(rows), false), col_has(static_cast<std::size_t>(cols), false);
-      for (std::int64_t i : s.index) {
-        row_has[static_cast<std::size_t>(i / cols)] = true;
-        col_has[static_cast<std::size_t>(i % cols)] = true;
-        ++r.per_channel[static_cast<std::size_t>(i % cols)];
+      for (std::size_t q = 0; q < s.index.size(); ++q) {
+        row_has[static_cast<std::size_t>(s.row[q])] = true;
+        col_has[static_cast<std::size_t>(s.col[q])] = true;
+        ++r.per_channel[static_cast<std::size_t>(s.col[q])];
       }
       r.rows += rows;
       r.cols += cols;

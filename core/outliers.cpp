@@ -370,7 +370,6 @@ Format TiledOperand::value_format() const { return split_ ? Format::fixed(15) : 
 
 namespace {
 
-
 // Where a partial product goes: C[rows[i], cols[j]] += P[i, j] << shift.
 // A null map is the identity; a -1 entry is padding and is skipped.
 struct Dest {
